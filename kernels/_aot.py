@@ -1,0 +1,135 @@
+"""Compile the kernels for an NVIDIA target on a machine without a GPU (a development check, not used at run time).
+
+The interpreter is more lenient than the compiler (globals, constexpr rules, layouts), so a kernel that passes its
+interpreter tests can still fail to compile on the GPU. `capture()` swaps every kernel's launch for a compile-only
+step: the same binder as a real launch specialises the (CPU) arguments exactly as it would for CUDA tensors of the
+same shapes, strides and alignment, then `triton.compile` builds the cubin for `sm_90` with the ptxas bundled in
+triton, and `ptxas -v` reports registers and spills. Kernels do not run (outputs stay uninitialised).
+
+Use in a process with TRITON_INTERPRET unset or 0, calling the modules' `launch`/`gather`/... functions directly:
+
+    with capture() as log:
+        _triton_losses.launch(...)
+    log -> [{'kernel', 'constexprs', 'num_warps', 'registers', 'spill_bytes', 'ptx_vector_loads', ...}]
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+
+if __name__ == "__main__":      # compiled-mode kernels: decided when triton and the kernel modules are imported
+    os.environ["TRITON_INTERPRET"] = "0"
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+
+def _ptxas():
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def ptxas_info(ptx: str, arch: str = "sm_90a") -> dict:
+    "Registers and spill bytes of the (single) kernel in `ptx`, from `ptxas -v`."
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.ptx")
+        open(p, "w").write(ptx)
+        r = subprocess.run([_ptxas(), f"-arch={arch}", "-v", p, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    txt = r.stdout + r.stderr
+    regs = re.findall(r"Used (\d+) registers", txt)
+    spill = re.findall(r"(\d+) bytes spill stores", txt)
+    return dict(registers=int(regs[-1]) if regs else None, spill_bytes=int(spill[-1]) if spill else None)
+
+
+def compile_launch(fn: JITFunction, args, kwargs, target=GPUTarget("cuda", 90, 32)):
+    "Compile `fn[grid](*args, **kwargs)` for `target` exactly as the JIT would, without a driver."
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(kwargs)
+    kwargs.setdefault("debug", False)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+@contextlib.contextmanager
+def capture(arch: str = "sm_90a"):
+    "Within the block, `kernel[grid](...)` compiles for `arch` and records a summary instead of running."
+    log = []
+    orig = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        k = compile_launch(self, args, kwargs, GPUTarget("cuda", int(arch.split("_")[1].rstrip("a")), 32))
+        ptx = k.asm["ptx"]
+        const = {n: v for n, v in kwargs.items() if n[:1].isupper()}
+        log.append(dict(kernel=self.__name__, constexprs=const, num_warps=k.metadata.num_warps, grid=str(grid),
+                        shared_bytes=k.metadata.shared,
+                        ptx_vector_loads=len(re.findall(r"ld\.global[^;]*\.v[248]", ptx)),
+                        ptx_scalar_loads=len(re.findall(r"ld\.global(?![^;]*\.v[248])", ptx)),
+                        **ptxas_info(ptx, arch)))
+        return None
+
+    JITFunction.run = run
+    try:
+        yield log
+    finally:
+        JITFunction.run = orig
+
+
+def gpu_configs():
+    """Every kernel specialisation the benchmark and the common training calls use on a GPU, launched on CPU
+    tensors of the same shapes (inside `capture`, nothing runs)."""
+    import torch
+    from . import _triton_losses as TL, _triton_mae as TM, _triton_tokens as TT
+    from .checks import BENCH_LOSS_SHAPES
+    f32, bf16 = torch.float32, torch.bfloat16
+    for (R, C, dt) in BENCH_LOSS_SHAPES + [(448, 13, f32), (64, 5000, f32)]:
+        z = [torch.empty(R, C, dtype=dt) for _ in range(3)]
+        TL.launch(z[0], None, z[2], None, 0.95, 0.5, False, False, True)           # fixmatch
+        TL.launch(z[0], None, z[2], None, 0.95, 0.5, False, True, True)            # refixmatch
+        TL.launch(z[0], z[1], z[2], None, 0.95, 0.5, True, False, True)            # sequencematch
+    z = [torch.empty(32768, 1000, dtype=bf16) for _ in range(3)]
+    for br, nw in ((1, 8), (2, 8), (4, 8)):                                         # the benchmark's tuning variants
+        TL.launch(z[0], z[1], z[2], None, 0.95, 0.5, True, False, True, config=dict(BLOCK_R=br, num_warps=nw))
+    z = [torch.empty(448, 10) for _ in range(3)]
+    TL.launch(z[0], z[1], z[2], torch.empty(448), 0.95, 0.5, True, True, True)     # FlexMatch mask, low_conf_kl
+    TL.launch(z[0], z[1], z[2], None, 0.95, 0.5, True, False, False)               # no gradient (evaluation)
+    for K in (49, 98):
+        x = torch.empty(256, 196, 768, dtype=bf16)
+        ids = torch.empty(256, K, dtype=torch.long)
+        TT.gather(x, ids); TT.scatter(x[:, :K], ids, 196, torch.empty(768)); TT.scatter(x[:, :K], ids, 196, None)
+        TT.fill_grad(x, ids)
+    x = torch.empty(256, 196, 512, dtype=bf16)                                      # MAE decoder width
+    TT.scatter(x[:, :49].contiguous(), torch.empty(256, 49, dtype=torch.int32), 196, torch.empty(512))
+    for dt in (f32, bf16):
+        TM.launch(torch.empty(256, 196, 768, dtype=dt), torch.empty(256, 3, 224, 224), torch.empty(256, 196), 16,
+                  True, True)
+    TM.launch(torch.empty(8, 196, 768), torch.empty(8, 3, 224, 224), torch.empty(8, 196), 16, False, False)
+
+
+def main():
+    "Compile gpu_configs() for sm_90a; print one JSON line per kernel; exit 1 on a spill or an unvectorised loss load."
+    import json
+    import time
+    os.environ["TRITON_INTERPRET"] = "0"          # compiled-mode kernels (set before the modules are imported)
+    t = time.time()
+    with capture() as log:
+        gpu_configs()
+    bad = []
+    for r in log:
+        print(json.dumps(r), flush=True)
+        if r["spill_bytes"]: bad.append(f"{r['kernel']} spills {r['spill_bytes']} bytes")
+        if r["shared_bytes"] > 160 * 1024: bad.append(f"{r['kernel']} needs {r['shared_bytes']} bytes of shared memory")
+        if r["kernel"] == "_consistency_kernel" and r["constexprs"].get("ALIGN", 1) >= 4 and not r["ptx_vector_loads"]:
+            bad.append(f"{r['kernel']} {r['constexprs']}: no vector loads")
+    print(f"compiled {len(log)} kernels for sm_90a in {time.time() - t:.1f}s; problems: {bad or 'none'}", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

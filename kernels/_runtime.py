@@ -1,0 +1,78 @@
+"""Backend choice (`SSL_NB_KERNELS`) and the lazy, mode-checked import of the Triton modules.
+
+Nothing here imports triton. The Triton modules (`_triton_losses`, `_triton_tokens`, `_triton_mae`) are imported
+the first time a Triton path is taken, so that `TRITON_INTERPRET=1` can still be set before their `@triton.jit`
+decorators run (triton decides interpreter vs compiled mode per decorated function, at decoration time).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import torch
+
+from ssl_nb.core import ConfigError
+
+ENV = "SSL_NB_KERNELS"
+_loaded: dict = {}
+
+
+def backend(t: torch.Tensor) -> str:
+    "`'triton'` or `'torch'` for an op whose tensors live where `t` lives: CUDA -> Triton, CPU -> PyTorch, unless forced."
+    mode = os.environ.get(ENV)
+    if mode: mode = mode.strip().lower()
+    if not mode or mode == "auto": return "triton" if t.is_cuda else "torch"
+    if mode in ("torch", "triton"): return mode
+    raise ConfigError(f"{ENV}={os.environ[ENV]!r} is not a kernel backend; use 'torch', 'triton' or 'auto' "
+                      f"(or unset it: CUDA tensors use Triton, CPU tensors PyTorch).")
+
+
+def triton_module(name: str, device: torch.device):
+    "Import `ssl_nb.kernels.<name>` (which defines the Triton kernels), in the mode `device` needs."
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"The Triton kernels run on CUDA tensors (or on CPU tensors through Triton's interpreter); "
+                          f"got a tensor on {device}. Move it to 'cuda' or set {ENV}=torch.")
+    mod = _loaded.get(name)
+    if mod is None:
+        if device.type == "cpu" and "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules:
+            if torch.cuda.is_available():
+                raise ConfigError(
+                    f"{ENV}=triton with CPU tensors on a machine that has CUDA: running Triton on the CPU needs its "
+                    f"interpreter, which applies to the whole process. Either move the tensors to 'cuda', use "
+                    f"{ENV}=torch for CPU tensors, or start Python with TRITON_INTERPRET=1 set.")
+            # No GPU: the interpreter is the only way to run Triton here. It must be on before triton is imported:
+            # every @triton.jit function, triton's own tl.max / tl.sum / tl.argmax included, picks its mode when it
+            # is defined. An explicit TRITON_INTERPRET=0 is respected (and then gives the error below).
+            os.environ["TRITON_INTERPRET"] = "1"
+        mod = importlib.import_module(f".{name}", __package__)
+        _loaded[name] = mod
+    if device.type == "cpu" and not mod.INTERPRETED:
+        raise ConfigError(
+            f"triton was imported in compiled (GPU) mode in this process (before TRITON_INTERPRET=1 was set, or with "
+            f"TRITON_INTERPRET=0), so ssl_nb.kernels' Triton kernels cannot run on CPU tensors. Restart Python (the "
+            f"notebook kernel) with TRITON_INTERPRET=1 set before anything imports triton (e.g. `TRITON_INTERPRET=1 "
+            f"jupyter lab`, or `os.environ['TRITON_INTERPRET'] = '1'` in the first cell), or use {ENV}=torch for CPU "
+            f"tensors.")
+    return mod
+
+
+def is_interpreted(kernel) -> bool:
+    "True when `kernel` and triton's own library functions (tl.max, tl.sum, ...) all run in the interpreter."
+    import triton.language as tl
+    return all(type(f).__name__ == "InterpretedFunction" for f in (kernel, tl.standard.max))
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def align(*ints: int, cap: int = 16) -> int:
+    "The largest power of 2 (<= cap) dividing every int: a constexpr alignment hint for the kernels."
+    a = cap
+    while a > 1 and any(int(i) % a for i in ints): a //= 2
+    return a

@@ -1,0 +1,354 @@
+"""Fused FixMatch / ReFixMatch / SequenceMatch unlabeled losses: one Triton pass over the rows of logits.
+
+Imported lazily by `ssl_nb.kernels` (see `_runtime.triton_module`): importing this module imports triton.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+from ssl_nb.core import ConfigError
+from ssl_nb.losses import _check_logits
+
+from ._runtime import align, is_interpreted, cdiv, next_pow2
+
+NEG = tl.constexpr(-1.0e30)   # padding logit: exp(NEG - max) == 0, and NEG * 0 == 0 (no inf * 0 NaN)
+MAX_BLOCK_C = 4096     # wider rows loop over class blocks (two passes: online statistics, then terms + gradients)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _load_tile(ptr, rows64, s_r, cols, s_c, m2, NEG: tl.constexpr):
+    "A [BLOCK_R, BLOCK_C] tile of logits in fp32; padding (rows and classes outside the tensor) is NEG."
+    z = tl.load(ptr + rows64[:, None] * s_r + cols.to(tl.int64)[None, :] * s_c, mask=m2, other=0.0)
+    return tl.where(m2, z.to(tl.float32), NEG)
+
+
+@triton.jit
+def _online(m, Z, ZT, z, inv_T, SHARP: tl.constexpr):
+    "One step of the online softmax: running max m, sum of exp(z - m) and of exp((z - m) / T), rescaled."
+    new = tl.maximum(m, tl.max(z, axis=1))
+    Z = Z * tl.exp(m - new) + tl.sum(tl.exp(z - new[:, None]), axis=1)
+    if SHARP:
+        ZT = ZT * tl.exp((m - new) * inv_T) + tl.sum(tl.exp((z - new[:, None]) * inv_T), axis=1)
+    return new, Z, ZT
+
+
+@triton.jit
+def _terms(zw, zm, zs, p_s, t_w, p_m, t_m, cols, m2, label, mw, lZwT, mm, lZm, lZmT, ms, lZs,
+           g_ce, g_ws, g_wm, g_ms, gm_ptr, gs_ptr, goff, inv_T,
+           HAS_M: tl.constexpr, NEED_TW: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    """Per-row partial sums over one class block of CE(s, label), KL(t_w||p_s), KL(t_w||p_m), KL(t_m||p_s), and the
+    gradients of the block: d/dz_s = g_ce (p_s - onehot) + g_ws (p_s - t_w) + g_ms (p_s - t_m), d/dz_m = g_wm (p_m - t_w),
+    where the g_* are the per-row weights already divided by the row count. The probabilities p_s, t_w = softmax(z_w/T),
+    p_m, t_m = softmax(z_m/T) come in (computed once); the log-probabilities are recomputed here (no exp, no log)."""
+    logp_s = zs - ms[:, None] - lZs[:, None]
+    onehot = cols[None, :] == label[:, None]
+    ce = tl.sum(tl.where(onehot & m2, -logp_s, 0.0), axis=1)
+    kl_ws = tl.zeros_like(ce)
+    kl_wm = tl.zeros_like(ce)
+    kl_ms = tl.zeros_like(ce)
+    gs = g_ce[:, None] * (p_s - tl.where(onehot, 1.0, 0.0))
+    if NEED_TW:   # the weak view's sharpened target
+        logt_w = (zw - mw[:, None]) * inv_T - lZwT[:, None]
+        kl_ws = tl.sum(tl.where(m2, t_w * (logt_w - logp_s), 0.0), axis=1)
+        gs += g_ws[:, None] * (p_s - t_w)
+        if HAS_M:
+            logp_m = zm - mm[:, None] - lZm[:, None]
+            logt_m = (zm - mm[:, None]) * inv_T - lZmT[:, None]
+            kl_wm = tl.sum(tl.where(m2, t_w * (logt_w - logp_m), 0.0), axis=1)
+            kl_ms = tl.sum(tl.where(m2, t_m * (logt_m - logp_s), 0.0), axis=1)
+            gs += g_ms[:, None] * (p_s - t_m)
+            if WRITE_GRAD:
+                gm = g_wm[:, None] * (p_m - t_w)
+                tl.store(gm_ptr + goff, gm.to(gm_ptr.dtype.element_ty), mask=m2)
+    if WRITE_GRAD:
+        tl.store(gs_ptr + goff, gs.to(gs_ptr.dtype.element_ty), mask=m2)
+    return ce, kl_ws, kl_wm, kl_ms
+
+
+@triton.jit
+def _softmax_tile(z, inv_T, SHARP: tl.constexpr):
+    "Whole-row statistics of a tile holding complete rows: max, exp(z - max) and its sum, and the same at T."
+    m = tl.max(z, axis=1)
+    e = tl.exp(z - m[:, None])
+    eT = e
+    if SHARP:
+        eT = tl.exp((z - m[:, None]) * inv_T)
+    return m, e, tl.sum(e, axis=1), eT, tl.sum(eT, axis=1)
+
+
+@triton.jit(do_not_specialize=["R", "C"])
+def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_sc,
+                        mask_ptr, s_mask, gm_ptr, gs_ptr, mask_out_ptr, part_ptr,
+                        R, C, threshold, inv_T, inv_R,
+                        HAS_M: tl.constexpr, HAS_MASK: tl.constexpr, LOW_CONF: tl.constexpr,
+                        NEED_TW: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                        ROW_TILES: tl.constexpr, ONE_BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """Rows [pid * ROW_TILES * BLOCK_R, ...): for each tile of BLOCK_R rows, the softmax statistics of every view, the
+    pseudo-label, the masks, the row losses and the gradients (written now, scaled by grad_output in backward).
+    ALIGN (a power of 2 the host found to divide C and the row strides) lets the compiler see that rows start on
+    ALIGN-element boundaries and that the class mask is constant over ALIGN lanes: 16-byte vector loads and stores."""
+    if ALIGN > 1:   # identities, written so that the compiler's alignment analysis can see them
+        C = (C // ALIGN) * ALIGN
+        s_wr = (s_wr // ALIGN) * ALIGN
+        s_mr = (s_mr // ALIGN) * ALIGN
+        s_sr = (s_sr // ALIGN) * ALIGN
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for t in range(ROW_TILES):
+        rows = (pid.to(tl.int64) * ROW_TILES + t) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        cols = tl.arange(0, BLOCK_C)
+        zero = tl.zeros([BLOCK_R], dtype=tl.float32)
+        # ---- pass 1: softmax statistics (max, sums of exp at T = 1 and at T) and the weak view's argmax
+        if ONE_BLOCK:    # whole rows in registers: every exp is computed once
+            m2 = rmask[:, None] & (cols < C)[None, :]
+            zw = _load_tile(zw_ptr, rows, s_wr, cols, s_wc, m2, NEG)
+            zs = _load_tile(zs_ptr, rows, s_sr, cols, s_sc, m2, NEG)
+            label = tl.argmax(zw, axis=1).to(tl.int32)
+            mw, ew, Zw, ewT, ZwT = _softmax_tile(zw, inv_T, NEED_TW)
+            ms, es, Zs, _e, _z = _softmax_tile(zs, inv_T, False)
+            p_s = es * (1.0 / Zs)[:, None]
+            t_w = ewT * (1.0 / ZwT)[:, None]
+            zm, mm, Zm, ZmT, p_m, t_m = zs, ms, Zs, Zs, p_s, p_s
+            if HAS_M:
+                zm = _load_tile(zm_ptr, rows, s_mr, cols, s_mc, m2, NEG)
+                mm, em, Zm, emT, ZmT = _softmax_tile(zm, inv_T, True)
+                p_m = em * (1.0 / Zm)[:, None]
+                t_m = emT * (1.0 / ZmT)[:, None]
+        else:
+            mw, Zw, ZwT = zero + NEG, zero, zero
+            ms, Zs = zero + NEG, zero
+            mm, Zm, ZmT = zero + NEG, zero, zero
+            label = tl.zeros([BLOCK_R], dtype=tl.int32)
+            for c0 in range(0, C, BLOCK_C):
+                cb = c0 + cols
+                m2 = rmask[:, None] & (cb < C)[None, :]
+                zw = _load_tile(zw_ptr, rows, s_wr, cb, s_wc, m2, NEG)
+                bmax = tl.max(zw, axis=1)
+                label = tl.where(bmax > mw, tl.argmax(zw, axis=1).to(tl.int32) + c0, label)   # first max wins
+                mw, Zw, ZwT = _online(mw, Zw, ZwT, zw, inv_T, NEED_TW)
+                zs = _load_tile(zs_ptr, rows, s_sr, cb, s_sc, m2, NEG)
+                ms, Zs, _u = _online(ms, Zs, Zs, zs, inv_T, False)
+                if HAS_M:
+                    zm = _load_tile(zm_ptr, rows, s_mr, cb, s_mc, m2, NEG)
+                    mm, Zm, ZmT = _online(mm, Zm, ZmT, zm, inv_T, True)
+        # ---- per-row confidence, masks and term weights
+        keep_w = tl.where(1.0 / Zw >= threshold, 1.0, 0.0)
+        if HAS_MASK:
+            msk = tl.load(mask_ptr + rows * s_mask, mask=rmask, other=0.0).to(tl.float32)
+        else:
+            msk = keep_w
+            tl.store(mask_out_ptr + rows, msk, mask=rmask)
+        g_ws = zero
+        if LOW_CONF:
+            g_ws = 1.0 - msk
+        g_wm = zero
+        g_ms = zero
+        if HAS_M:
+            g_ws += keep_w
+            g_wm = keep_w
+            g_ms = tl.where(1.0 / Zm >= threshold, 1.0, 0.0)
+        lZwT = tl.log(ZwT)
+        lZm = tl.log(Zm)
+        lZmT = tl.log(ZmT)
+        lZs = tl.log(Zs)
+        # ---- pass 2: loss terms and gradients
+        if ONE_BLOCK:
+            goff = rows[:, None] * C + cols[None, :]
+            ce, kl_ws, kl_wm, kl_ms = _terms(zw, zm, zs, p_s, t_w, p_m, t_m, cols, m2, label, mw, lZwT, mm, lZm,
+                                             lZmT, ms, lZs,
+                                             msk * inv_R, g_ws * inv_R, g_wm * inv_R, g_ms * inv_R,
+                                             gm_ptr, gs_ptr, goff, inv_T, HAS_M, NEED_TW, WRITE_GRAD)
+        else:
+            ce, kl_ws, kl_wm, kl_ms = zero, zero, zero, zero
+            for c0 in range(0, C, BLOCK_C):
+                cb = c0 + cols
+                m2 = rmask[:, None] & (cb < C)[None, :]
+                zw = _load_tile(zw_ptr, rows, s_wr, cb, s_wc, m2, NEG)
+                zs = _load_tile(zs_ptr, rows, s_sr, cb, s_sc, m2, NEG)
+                p_s = tl.exp(zs - ms[:, None] - lZs[:, None])
+                t_w = p_s
+                if NEED_TW:
+                    t_w = tl.exp((zw - mw[:, None]) * inv_T - lZwT[:, None])
+                zm, p_m, t_m = zs, p_s, p_s
+                if HAS_M:
+                    zm = _load_tile(zm_ptr, rows, s_mr, cb, s_mc, m2, NEG)
+                    p_m = tl.exp(zm - mm[:, None] - lZm[:, None])
+                    t_m = tl.exp((zm - mm[:, None]) * inv_T - lZmT[:, None])
+                goff = rows[:, None] * C + cb[None, :]
+                a, b, c, d = _terms(zw, zm, zs, p_s, t_w, p_m, t_m, cb, m2, label, mw, lZwT, mm, lZm, lZmT, ms, lZs,
+                                    msk * inv_R, g_ws * inv_R, g_wm * inv_R, g_ms * inv_R,
+                                    gm_ptr, gs_ptr, goff, inv_T, HAS_M, NEED_TW, WRITE_GRAD)
+                ce += a
+                kl_ws += b
+                kl_wm += c
+                kl_ms += d
+        row = msk * ce + g_ws * kl_ws + g_wm * kl_wm + g_ms * kl_ms
+        acc += tl.where(rmask, row, 0.0)
+    tl.store(part_ptr + pid, tl.sum(acc, axis=0) * inv_R)
+
+
+INTERPRETED = is_interpreted(_consistency_kernel)
+
+
+# ---------------------------------------------------------------------------------------------------------- launch
+def pick_config(R: int, C: int, interpret: bool = INTERPRETED) -> dict:
+    """Block sizes. GPU: one row per program from C ~ 1000 up (Liger's layout), several rows per program for small C,
+    and a single program (no partial-sum launch) when the whole batch is <= 4 tiles. Interpreter: large blocks, since
+    each program instance costs milliseconds."""
+    BLOCK_C = max(16, min(next_pow2(C), MAX_BLOCK_C))
+    if interpret:
+        BLOCK_R = min(next_pow2(R), max(1, 32768 // BLOCK_C))
+        return dict(BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, ROW_TILES=1, num_warps=4)
+    BLOCK_R = min(next_pow2(R), max(1, (2048 if BLOCK_C <= 128 else 1024) // BLOCK_C))
+    tiles = cdiv(R, BLOCK_R)
+    tile = BLOCK_R * BLOCK_C
+    return dict(BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, ROW_TILES=tiles if tiles <= 4 else 1,
+                num_warps=4 if tile <= 1024 else (8 if tile <= 4096 else 16))
+
+
+_PLANS: dict = {}
+
+
+def _plan(R, C, sw, sm, ss, config):
+    "Grid and meta-parameters for one shape and layout (cached: the launch path runs every training step)."
+    key = (R, C, sw, sm, ss)
+    p = _PLANS.get(key) if config is None else None
+    if p is None:
+        cfg = dict(pick_config(R, C))
+        if config: cfg.update(config)
+        BR, BC, RT = cfg["BLOCK_R"], cfg["BLOCK_C"], cfg["ROW_TILES"]
+        contiguous_cols = sw[1] == sm[1] == ss[1] == 1
+        meta = dict(BLOCK_R=BR, BLOCK_C=BC, ROW_TILES=RT, ONE_BLOCK=C <= BC, num_warps=cfg["num_warps"],
+                    ALIGN=align(C, sw[0], sm[0], ss[0]) if contiguous_cols else 1)
+        p = (cdiv(R, BR * RT), meta)
+        if config is None:
+            if len(_PLANS) > 1024: _PLANS.clear()
+            _PLANS[key] = p
+    return p
+
+
+def launch(zw, zm, zs, mask, threshold, T, has_m, low_conf, write_grad, mask_out=None, config=None):
+    """Run the kernel. Returns (loss, mask, grad_m, grad_s, grad_buffer): the fp32 loss (0-dim, on device), the CE mask
+    (fp32 [R]), the gradients of the loss w.r.t. logits_m / logits_s for grad_output = 1 (None unless write_grad)."""
+    R, C = zs.shape
+    sw, ss = zw.stride(), zs.stride()
+    zm_ = zm if has_m else zs
+    sm = zm_.stride()
+    grid, meta = _plan(R, C, sw, sm, ss, config)
+    dev = zs.device
+    buf = gm = gs = None
+    if write_grad:
+        if has_m and zm.dtype == zs.dtype:
+            buf = torch.empty((2, R, C), dtype=zs.dtype, device=dev)
+            gm, gs = buf[0], buf[1]
+        else:
+            gs = torch.empty((R, C), dtype=zs.dtype, device=dev)
+            if has_m: gm = torch.empty((R, C), dtype=zm.dtype, device=dev)
+    part = torch.empty(grid if grid > 1 else (), dtype=torch.float32, device=dev)
+    if mask is None and mask_out is None: mask_out = torch.empty(R, dtype=torch.float32, device=dev)
+    _consistency_kernel[(grid,)](
+        zw, zm_, zs, sw[0], sw[1], sm[0], sm[1], ss[0], ss[1],
+        mask if mask is not None else part, mask.stride(0) if mask is not None else 0,
+        gm if gm is not None else part, gs if gs is not None else part,
+        mask_out if mask is None else part, part,
+        R, C, threshold, 1.0 / T, 1.0 / R,
+        HAS_M=has_m, HAS_MASK=mask is not None, LOW_CONF=low_conf, NEED_TW=has_m or low_conf,
+        WRITE_GRAD=write_grad, **meta)
+    loss = part if grid == 1 else part.sum()
+    return loss, (mask if mask is not None else mask_out), gm, gs, buf
+
+
+class _ConsistencyLoss(torch.autograd.Function):
+    "Forward runs the fused kernel (which also writes the gradients); backward scales them by grad_output."
+
+    @staticmethod
+    def forward(ctx, zw, zm, zs, mask, mask_out, threshold, T, has_m, low_conf, config):
+        loss, _, gm, gs, buf = launch(zw, zm, zs, mask, threshold, T, has_m, low_conf, True, mask_out, config)
+        ctx.grads = (gm, gs, buf)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        gm, gs, buf = ctx.grads
+        ctx.grads = None
+        if buf is not None:                 # one launch for both views
+            out = buf * g
+            gm, gs = out[0], out[1]
+        else:
+            gs = gs * g
+            gm = gm * g if gm is not None else None
+        return None, gm, gs, None, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------------ validation
+def _number(name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ConfigError(f"{name} must be a Python number for the Triton kernels; got {type(v).__name__}. "
+                          f"(A per-row or per-class threshold, as in FlexMatch, goes in `mask`.)")
+    return float(v)
+
+
+def _validate(named: dict, threshold, T, mask):
+    "Every check the kernel needs, before anything launches: shapes, dtypes, devices, scalars, the external mask."
+    ts = list(named.values())
+    z0 = ts[0]
+    fast = all(isinstance(t, torch.Tensor) for t in ts) and z0.dim() == 2 and all(
+        t.shape == z0.shape and t.dtype in DTYPES and t.device == z0.device for t in ts)
+    if not fast:                    # find the problem and say what it is
+        for k, v in named.items():
+            if not isinstance(v, torch.Tensor):
+                raise ConfigError(f"{k} must be a torch.Tensor; got {type(v).__name__}.")
+        _check_logits(**named)
+        for k, v in named.items():
+            if v.device != z0.device:
+                raise ConfigError(f"all logits must be on one device; {k} is on {v.device}, not {z0.device}.")
+            if v.dtype not in DTYPES:
+                raise ConfigError(f"{k} has dtype {v.dtype}; the Triton kernels take float32, bfloat16 or float16 "
+                                  f"logits (cast them, or set SSL_NB_KERNELS=torch).")
+    R, C = z0.shape
+    if R == 0 or C == 0: raise ConfigError(f"logits have shape {(R, C)}; the loss needs at least one row and class.")
+    threshold = threshold if type(threshold) is float else _number("threshold", threshold)
+    T = T if type(T) is float else _number("T", T)
+    if T <= 0: raise ConfigError(f"T must be > 0; got {T}.")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor): raise ConfigError(f"mask must be a tensor; got {type(mask).__name__}.")
+        if tuple(mask.shape) != (R,): raise ConfigError(f"mask must have shape {(R,)}; got {tuple(mask.shape)}.")
+        if mask.device != z0.device: raise ConfigError(f"mask is on {mask.device} but the logits are on {z0.device}.")
+        mask = mask.detach().float()
+    return threshold, T, mask
+
+
+def _run(zw, zm, zs, threshold, T, mask, has_m, low_conf, config=None):
+    need_grad = torch.is_grad_enabled() and (zs.requires_grad or (has_m and zm.requires_grad))
+    if not need_grad:
+        loss, m, *_ = launch(zw.detach(), zm.detach() if has_m else None, zs.detach(), mask, threshold, T, has_m,
+                             low_conf, False, None, config)
+        return loss, m
+    mask_out = torch.empty(zs.shape[0], dtype=torch.float32, device=zs.device) if mask is None else None
+    loss = _ConsistencyLoss.apply(zw.detach(), zm if has_m else None, zs, mask, mask_out, threshold, T, has_m,
+                                  low_conf, config)
+    return loss, (mask if mask is not None else mask_out)
+
+
+# ----------------------------------------------------------------------------------------------------------- API
+def fixmatch_loss(logits_w, logits_s, threshold=0.95, mask=None, *, _config=None):
+    threshold, _, mask = _validate(dict(logits_w=logits_w, logits_s=logits_s), threshold, 1.0, mask)
+    return _run(logits_w, None, logits_s, threshold, 1.0, mask, False, False, _config)
+
+
+def refixmatch_loss(logits_w, logits_s, threshold=0.95, T=0.5, mask=None, *, _config=None):
+    threshold, T, mask = _validate(dict(logits_w=logits_w, logits_s=logits_s), threshold, T, mask)
+    return _run(logits_w, None, logits_s, threshold, T, mask, False, True, _config)
+
+
+def sequencematch_loss(logits_w, logits_m, logits_s, threshold=0.95, T=0.5, mask=None, low_conf_kl=False, *,
+                       _config=None):
+    threshold, T, mask = _validate(dict(logits_w=logits_w, logits_m=logits_m, logits_s=logits_s), threshold, T, mask)
+    return _run(logits_w, logits_m, logits_s, threshold, T, mask, True, bool(low_conf_kl), _config)

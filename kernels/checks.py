@@ -1,0 +1,397 @@
+"""Correctness checks of every kernel against its PyTorch reference, shared by the CPU tests (Triton interpreter) and
+the GPU check (compiled Triton). Each case compares values and gradients on seeded random inputs.
+
+    python -m ssl_nb.kernels.checks --device cpu    # needs TRITON_INTERPRET=1 (set automatically without CUDA)
+    python -m ssl_nb.kernels.checks --device cuda --out DIR
+
+One line per case goes to stdout (`START name`, then `PASS name ...` / `FAIL name ...`), flushed, so that a parent
+process can tell which case was running if the process dies (an out-of-bounds access under the interpreter can kill
+it). `tests/test_kernels.py` runs this module in a subprocess for that reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+
+from ssl_nb import losses as L
+from ssl_nb.core import ConfigError
+
+from . import reference as R
+from ._runtime import triton_module
+
+# Tolerances: Liger-Kernel's (fp32 atol 1e-8 / rtol 1e-6; bf16 rtol 5e-2), plus an absolute part relative to the
+# gradient's scale (`ascale` * max|ref|). fp32: 1e-6, for the GPU's approximate exp/log (ex2.approx / lg2.approx,
+# ~2e-7 relative) on gradients divided by few rows. bf16: one bf16 ulp (2^-7), since the reference sums several
+# bf16-rounded gradient terms (one per `.float()` in ssl_nb.losses) where the kernel rounds once, and Triton's
+# interpreter truncates fp32 -> bf16 where the GPU rounds to nearest.
+TOL = {torch.float32: dict(atol=1e-8, rtol=1e-6, ascale=1e-6),
+       torch.bfloat16: dict(atol=1e-8, rtol=5e-2, ascale=2 ** -7),
+       torch.float16: dict(atol=1e-8, rtol=1e-3, ascale=2 ** -10)}
+LOSS_TOL = dict(atol=1e-6, rtol=2e-6)      # the loss is an fp32 reduction whatever the input dtype
+
+
+def compare(name, got, want, atol, rtol, ascale=0.0):
+    "(ok, message): elementwise |got - want| <= atol + ascale * max|want| + rtol * |want| (NaNs must coincide)."
+    if got is None or want is None:
+        return (got is None) == (want is None), f"{name}: {'missing' if got is None else 'unexpected'} tensor"
+    got, want = got.detach().float().cpu(), want.detach().float().cpu()
+    if got.shape != want.shape: return False, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if want.numel() == 0: return True, f"{name}: empty"
+    err = (got - want).abs()
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    bound = atol + ascale * scale + rtol * want.abs()
+    same_nan = got.isnan() & want.isnan()
+    bad = ~((err <= bound) | same_nan)
+    n = int(bad.sum())
+    return n == 0, f"{name}: max|err|={float(err[~same_nan].max()) if (~same_nan).any() else 0:.3g} " \
+                   f"max|ref|={scale:.3g}{f' BAD {n}/{err.numel()}' if n else ''}"
+
+
+# ---------------------------------------------------------------------------------------------------------- inputs
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def logits(R_, C, dtype, device, seed, boost=12.0, layout="contiguous"):
+    """Logits with a spike of random height on a random class, so that confidences cover (0, 1) at any C and some
+    rows pass a 0.95 threshold. layout: 'contiguous', 'colstride' (every other column of a wider tensor),
+    'rowpad' (rows of a wider tensor), 'transposed' (a [C, R] tensor's transpose)."""
+    g = _gen(seed)
+    z = torch.randn(R_, C, generator=g) * 2
+    spike = torch.rand(R_, generator=g) * boost
+    z[torch.arange(R_), torch.randint(0, C, (R_,), generator=g)] += spike
+    z = z.to(dtype)
+    # keep every row's confidence away from the 0.95 threshold, where fp32 rounding (the GPU's approximate exp) could
+    # flip a mask bit: push the max logit of such rows up by a few ulps' worth
+    for _ in range(8):
+        conf = z.double().softmax(-1).amax(-1)
+        near = (conf - 0.95).abs() < 1e-4
+        if not bool(near.any()): break
+        z[near, z[near].float().argmax(-1)] += 0.0625
+    z = z.to(dtype)
+    if layout == "colstride":
+        big = torch.zeros(R_, 2 * C, dtype=dtype); big[:, ::2] = z; z = big.to(device)[:, ::2]
+    elif layout == "rowpad":
+        big = torch.zeros(R_, C + 7, dtype=dtype); big[:, :C] = z; z = big.to(device)[:, :C]
+    elif layout == "transposed":
+        z = z.t().contiguous().to(device).t()
+    else:
+        z = z.to(device)
+    return z
+
+
+# ------------------------------------------------------------------------------------------------------------ losses
+def check_loss(kind, R_, C, dtype, device, config=None, mask_mode=None, threshold=0.95, T=0.5, low_conf=False,
+               layout="contiguous", grad_scale=2.0, seed=0):
+    """One loss on one set of inputs: loss, mask and gradients (of grad_scale * loss) against ssl_nb.losses."""
+    TLm = triton_module("_triton_losses", torch.device(device))
+    views = 3 if kind == "sequencematch" else 2
+    zs_ = [logits(R_, C, dtype, device, seed + i, layout=layout) for i in range(views)]
+    mask = None
+    if mask_mode == "external":                     # a FlexMatch-like mask, independent of the threshold
+        mask = (torch.rand(R_, generator=_gen(seed + 9)) < 0.4).float().to(device)
+    elif mask_mode in ("ones", "zeros"):
+        mask = torch.full((R_,), 1.0 if mask_mode == "ones" else 0.0, device=device)
+    elif mask_mode == "bool":
+        mask = (torch.rand(R_, generator=_gen(seed + 9)) < 0.5).to(device)
+    kw = dict(threshold=threshold, mask=mask)
+    if kind != "fixmatch": kw["T"] = T
+    if kind == "sequencematch": kw["low_conf_kl"] = low_conf
+    out = {}
+    for impl in ("ref", "triton"):
+        ins = [zs_[0]] + [z.detach().clone().requires_grad_() for z in zs_[1:]]
+        fn = getattr(L, f"{kind}_loss") if impl == "ref" else getattr(TLm, f"{kind}_loss")
+        extra = {} if impl == "ref" else dict(_config=config)
+        loss, m = fn(*ins, **kw, **extra)
+        (loss * grad_scale).backward()
+        out[impl] = (loss, m, [z.grad for z in ins[1:]])
+    tol = TOL[dtype]
+    res = [compare("loss", out["triton"][0], out["ref"][0], **LOSS_TOL),
+           compare("mask", out["triton"][1], out["ref"][1], 0.0, 0.0)]
+    for name, g1, g2 in zip(["grad_m", "grad_s"][-(views - 1):], out["triton"][2], out["ref"][2]):
+        res.append(compare(name, g1, g2, **tol))
+    mfrac = float(out["ref"][1].float().mean())
+    ok = all(r[0] for r in res) and bool(torch.isfinite(out["triton"][0]))
+    return ok, f"mask={mfrac:.2f} " + "; ".join(r[1] for r in res)
+
+
+def check_loss_nograd(device):
+    "Inputs that need no gradient (evaluation): the kernel skips the gradient stores; same loss and mask."
+    TLm = triton_module("_triton_losses", torch.device(device))
+    zw, zm, zs = (logits(96, 37, torch.float32, device, s) for s in range(3))
+    with torch.no_grad():
+        a = TLm.sequencematch_loss(zw, zm, zs, low_conf_kl=True)
+    b = L.sequencematch_loss(zw, zm, zs, low_conf_kl=True)
+    r = [compare("loss", a[0], b[0], **LOSS_TOL), compare("mask", a[1], b[1], 0, 0)]
+    return all(x[0] for x in r) and not a[0].requires_grad, "; ".join(x[1] for x in r)
+
+
+# ------------------------------------------------------------------------------------------------------------ tokens
+def _ids(B, N, K, itype, device, seed):
+    return torch.argsort(torch.rand(B, N, generator=_gen(seed)), 1)[:, :K].to(itype).to(device)
+
+
+def check_tokens(B, N, K, D, dtype, itype, device, config=None, layout="contiguous", seed=0):
+    "gather_tokens and scatter_tokens, forward and backward (to x, tokens and fill), against MAE's formulation."
+    TT = triton_module("_triton_tokens", torch.device(device))
+    g = _gen(seed)
+    x = torch.randn(B, N, D, generator=g).to(dtype)
+    if layout == "noncontig":              # [B, N, D] view of a wider tensor, and a batch-strided view
+        big = torch.zeros(B, N, D + 8, dtype=dtype); big[..., :D] = x; x = big.to(device)[..., :D]
+    else:
+        x = x.to(device)
+    ids = _ids(B, N, K, itype, device, seed + 1)
+    gout = torch.randn(B, K, D, generator=g).to(dtype).to(device)
+    tok = torch.randn(B, K, D, generator=g).to(dtype).to(device)
+    fill = torch.randn(1, 1, D, generator=g).to(device)          # MAE's fp32 mask_token parameter
+    gsc = torch.randn(B, N, D, generator=g).to(dtype).to(device)
+    if layout == "noncontig": gsc = gsc.transpose(0, 1).contiguous().transpose(0, 1)   # strided grad_output
+    res = []
+    for impl in ("ref", "triton"):
+        xi = x.detach().clone().requires_grad_() if layout != "noncontig" else x.detach().requires_grad_()
+        ti, fi = tok.detach().clone().requires_grad_(), fill.detach().clone().requires_grad_()
+        if impl == "ref":
+            o1 = R.gather_tokens_ref(xi, ids); o2 = R.scatter_tokens_ref(ti, ids, N, fi)
+        else:
+            o1 = TT.gather_tokens(xi, ids, _config=config); o2 = TT.scatter_tokens(ti, ids, N, fi, _config=config)
+        gx, = torch.autograd.grad(o1, xi, gout)
+        gt, gf = torch.autograd.grad(o2, [ti, fi], gsc)
+        res.append((o1, gx, o2, gt, gf))
+    (a1, a2, a3, a4, a5), (b1, b2, b3, b4, b5) = res[1], res[0]
+    # grad_fill is a sum over B * (N - K) rows, in another order than the reference's: its absolute tolerance is
+    # relative to its scale (fp32: 1e-6; bf16 tokens: the reference sums in bf16, then casts to fill's fp32)
+    tol = TOL[dtype]
+    ftol = dict(atol=1e-8, rtol=1e-6, ascale=1e-6) if dtype == torch.float32 else dict(atol=1e-6, rtol=1e-2,
+                                                                                       ascale=2 ** -7)
+    r = [compare("gather", a1, b1, 0, 0), compare("grad_x", a2, b2, 0, 0), compare("scatter", a3, b3, **tol),
+         compare("grad_tokens", a4, b4, 0, 0), compare("grad_fill", a5, b5, **ftol)]
+    shapes_ok = a5.shape == fill.shape and a5.dtype == fill.dtype and a3.dtype == dtype
+    return all(x[0] for x in r) and shapes_ok, "; ".join(x[1] for x in r) + ("" if shapes_ok else " BAD dtype/shape")
+
+
+# --------------------------------------------------------------------------------------------------------------- MAE
+def check_mae(B, C, H, W, p, dtype, device, norm_pix=True, mask_mode="random", layout="contiguous", config=None,
+              grad_scale=2.0, seed=0):
+    "masked_patch_mse: loss and gradient to pred against MAE's forward_loss (fp32)."
+    TM = triton_module("_triton_mae", torch.device(device))
+    g = _gen(seed)
+    Lp, E = (H // p) * (W // p), p * p * C
+    imgs = torch.randn(B, C, H, W, generator=g).to(device)
+    if layout == "channels_last": imgs = imgs.contiguous(memory_format=torch.channels_last)
+    pred = torch.randn(B, Lp, E, generator=g).to(dtype).to(device)
+    mask = {"random": (torch.rand(B, Lp, generator=g) < 0.75).float(), "ones": torch.ones(B, Lp),
+            "bool": torch.rand(B, Lp, generator=g) < 0.75}[mask_mode].to(device)
+    out = []
+    for impl in ("ref", "triton"):
+        pi = pred.detach().clone().requires_grad_()
+        loss = R.masked_patch_mse_ref(pi, imgs, mask, p, norm_pix) if impl == "ref" else \
+            TM.masked_patch_mse(pi, imgs, mask, p, norm_pix, _config=config)
+        gp, = torch.autograd.grad(loss * grad_scale, pi)
+        out.append((loss, gp))
+    r = [compare("loss", out[1][0], out[0][0], atol=1e-6, rtol=1e-5), compare("grad_pred", out[1][1], out[0][1],
+                                                                            **TOL[dtype])]
+    return all(x[0] for x in r), "; ".join(x[1] for x in r)
+
+
+# ------------------------------------------------------------------------------------------------------ errors, misc
+def check_errors(device):
+    "Wrong shapes, dtypes, devices and scalars raise ConfigError before any launch (the process would die otherwise)."
+    dev = torch.device(device)
+    TLm, TT, TM = (triton_module(n, dev) for n in ("_triton_losses", "_triton_tokens", "_triton_mae"))
+    z = torch.randn(8, 10, device=dev)
+    x = torch.randn(2, 16, 8, device=dev)
+    ids = torch.zeros(2, 4, dtype=torch.long, device=dev)
+    bad = {
+        "1-d logits": lambda: TLm.fixmatch_loss(z[0], z[0]),
+        "shape mismatch": lambda: TLm.sequencematch_loss(z, z, z[:, :9]),
+        "int logits": lambda: TLm.fixmatch_loss(z.long(), z.long()),
+        "float64 logits": lambda: TLm.fixmatch_loss(z.double(), z.double()),
+        "mask shape": lambda: TLm.fixmatch_loss(z, z, mask=torch.ones(7, device=dev)),
+        "tensor threshold": lambda: TLm.fixmatch_loss(z, z, threshold=torch.tensor(0.9)),
+        "T <= 0": lambda: TLm.refixmatch_loss(z, z, T=0.0),
+        "no rows": lambda: TLm.fixmatch_loss(z[:0], z[:0]),
+        "ids float": lambda: TT.gather_tokens(x, ids.float()),
+        "ids rows": lambda: TT.gather_tokens(x, ids[:1]),
+        "x 2-d": lambda: TT.gather_tokens(x[0], ids),
+        "fill size": lambda: TT.scatter_tokens(x[:, :4], ids, 16, torch.zeros(7, device=dev)),
+        "N < K": lambda: TT.scatter_tokens(x[:, :4], ids, 3, torch.zeros(8, device=dev)),
+        "N not int": lambda: TT.scatter_tokens(x[:, :4], ids, 16.0, torch.zeros(8, device=dev)),
+        "mae patch": lambda: TM.masked_patch_mse(torch.randn(1, 4, 48, device=dev), torch.randn(1, 3, 10, 8, device=dev),
+                                                 torch.ones(1, 4, device=dev), 4),
+        "mae pred": lambda: TM.masked_patch_mse(torch.randn(1, 4, 47, device=dev), torch.randn(1, 3, 8, 8, device=dev),
+                                                torch.ones(1, 4, device=dev), 4),
+        "mae mask": lambda: TM.masked_patch_mse(torch.randn(1, 4, 48, device=dev), torch.randn(1, 3, 8, 8, device=dev),
+                                                torch.ones(1, 5, device=dev), 4),
+        "mae huge patch": lambda: TM.masked_patch_mse(torch.randn(1, 1, 3 * 64 * 64, device=dev),
+                                                      torch.randn(1, 3, 64, 64, device=dev), torch.ones(1, 1, device=dev), 64),
+    }
+    if dev.type == "cpu":    # value checks that would cost a host sync on a GPU run on CPU tensors only
+        bad["ids range"] = lambda: TT.gather_tokens(x, ids + 16)
+        bad["duplicate ids"] = lambda: TT.scatter_tokens(x[:, :4], ids, 16, torch.zeros(8, device=dev))
+    missed = []
+    for name, f in bad.items():
+        try:
+            f()
+            missed.append(name)
+        except ConfigError:
+            pass
+    return not missed, f"{len(bad) - len(missed)}/{len(bad)} raise ConfigError" + (f"; NOT raised: {missed}" if missed else "")
+
+
+def check_cpu_dispatch(device):
+    """Default dispatch of CPU tensors: exactly the ssl_nb.losses functions / the references, without importing
+    triton. Must run before anything imports triton in the process."""
+    if device != "cpu": return True, "skipped on cuda"
+    saved = os.environ.pop("SSL_NB_KERNELS", None)
+    try:
+        import ssl_nb.kernels as K
+        zw, zm, zs = (logits(64, 10, torch.float32, "cpu", s) for s in range(3))
+        a = K.sequencematch_loss(zw, zm, zs, low_conf_kl=True)
+        b = L.sequencematch_loss(zw, zm, zs, low_conf_kl=True)
+        same = torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        same &= torch.equal(K.fixmatch_loss(zw, zs)[0], L.fixmatch_loss(zw, zs)[0])
+        same &= torch.equal(K.refixmatch_loss(zw, zs)[0], L.refixmatch_loss(zw, zs)[0])
+        x = torch.randn(2, 9, 4); ids = _ids(2, 9, 3, torch.long, "cpu", 0)
+        same &= torch.equal(K.gather_tokens(x, ids), R.gather_tokens_ref(x, ids))
+        no_triton = "triton" not in sys.modules
+        return same and no_triton, f"bitwise equal: {same}; triton not imported: {no_triton}"
+    finally:
+        if saved is not None: os.environ["SSL_NB_KERNELS"] = saved
+
+
+# ------------------------------------------------------------------------------------------------------------- cases
+def cases(device: str) -> dict:
+    """name -> zero-argument check. CPU (interpreter): few, large programs ('blocked' = the interpreter's configuration
+    at realistic sizes; 'gpu' = the GPU's configuration, 1 row per program from C ~ 1000, on a tiny grid). CUDA:
+    the same cases plus the benchmark shapes in the GPU configuration."""
+    dev = device
+    f32, bf16 = torch.float32, torch.bfloat16
+    gpu_cfg = None
+    if dev == "cpu":
+        def gpu_cfg(R_, C):  # the configuration pick_config chooses on a GPU
+            from ._triton_losses import pick_config
+            return pick_config(R_, C, interpret=False)
+    c = {"cpu_dispatch": lambda: check_cpu_dispatch(dev), "errors": lambda: check_errors(dev)}
+    for kind in ("fixmatch", "refixmatch", "sequencematch"):
+        k = kind[:3] if kind != "refixmatch" else "refix"
+        c[f"{k}_448x10_f32"] = lambda kind=kind: check_loss(kind, 448, 10, f32, dev)
+        c[f"{k}_300x1000_f32"] = lambda kind=kind: check_loss(kind, 300, 1000, f32, dev, seed=1)
+        c[f"{k}_257x13_bf16"] = lambda kind=kind: check_loss(kind, 257, 13, bf16, dev, seed=2)
+        c[f"{k}_extmask"] = lambda kind=kind: check_loss(kind, 200, 100, f32, dev, mask_mode="external", seed=3)
+        c[f"{k}_gpucfg_1000"] = lambda kind=kind: check_loss(
+            kind, 6, 1000, f32, dev, config=gpu_cfg(6, 1000) if gpu_cfg else None, seed=4)
+    c.update({
+        "seq_lowconf_130x1000_bf16": lambda: check_loss("sequencematch", 130, 1000, bf16, dev, low_conf=True, seed=5),
+        "seq_lowconf_extmask_bool": lambda: check_loss("sequencematch", 96, 13, f32, dev, low_conf=True,
+                                                       mask_mode="bool", seed=6),
+        "seq_all_confident": lambda: check_loss("sequencematch", 64, 10, f32, dev, threshold=0.0, seed=7),
+        "seq_none_confident": lambda: check_loss("sequencematch", 64, 10, f32, dev, threshold=1.01, seed=8),
+        "refix_none_confident": lambda: check_loss("refixmatch", 64, 10, f32, dev, threshold=1.01, seed=8),
+        "fix_mask_zeros": lambda: check_loss("fixmatch", 64, 10, f32, dev, mask_mode="zeros", seed=9),
+        "seq_mask_ones": lambda: check_loss("sequencematch", 64, 10, f32, dev, mask_mode="ones", low_conf=True,
+                                            seed=9),
+        "seq_colstride": lambda: check_loss("sequencematch", 100, 13, f32, dev, layout="colstride", seed=10),
+        "seq_rowpad_bf16": lambda: check_loss("sequencematch", 100, 1000, bf16, dev, layout="rowpad", seed=11),
+        "refix_transposed": lambda: check_loss("refixmatch", 100, 10, f32, dev, layout="transposed", seed=12),
+        "seq_grad_out_1": lambda: check_loss("sequencematch", 128, 10, f32, dev, grad_scale=1.0, seed=13),
+        "seq_multiblock_1000": lambda: check_loss("sequencematch", 64, 1000, f32, dev, seed=14, low_conf=True,
+                                                  config=dict(BLOCK_C=256, BLOCK_R=16 if dev == "cpu" else 1,
+                                                              num_warps=4)),
+        "seq_5000_f32": lambda: check_loss("sequencematch", 32, 5000, f32, dev, seed=15),
+        "seq_gpucfg_tiles_448x10": lambda: check_loss("sequencematch", 448, 10, f32, dev, seed=16,
+                                                      config=gpu_cfg(448, 10) if gpu_cfg else None),
+        "seq_gpucfg_448x100": lambda: check_loss("sequencematch", 48, 100, bf16, dev, seed=17,
+                                                 config=gpu_cfg(448, 100) if gpu_cfg else None),
+        "seq_nograd": lambda: check_loss_nograd(dev),
+        "seq_blocked_1280x1000_bf16": lambda: check_loss("sequencematch", 1280, 1000, bf16, dev, seed=18),
+        "tokens_8x196x49x768_bf16": lambda: check_tokens(8, 196, 49, 768, bf16, torch.int64, dev, seed=5),
+        "tokens_196_49_768_f32": lambda: check_tokens(3, 196, 49, 768, f32, torch.int64, dev),
+        "tokens_ragged_bf16_i32": lambda: check_tokens(2, 37, 11, 100, bf16, torch.int32, dev, seed=1),
+        "tokens_full_perm": lambda: check_tokens(2, 50, 50, 64, f32, torch.int64, dev, seed=2),
+        "tokens_noncontig": lambda: check_tokens(2, 196, 98, 96, f32, torch.int64, dev, layout="noncontig", seed=3),
+        "tokens_gpucfg": lambda: check_tokens(2, 20, 5, 64, bf16, torch.int64, dev, seed=4,
+                                              config=_tok_gpu_cfg(64, 2) if dev == "cpu" else None),
+        "mae_224_p16_f32": lambda: check_mae(2, 3, 224, 224, 16, f32, dev),
+        "mae_nonorm_bf16": lambda: check_mae(3, 3, 32, 48, 8, bf16, dev, norm_pix=False, seed=1),
+        "mae_channels_last_boolmask": lambda: check_mae(2, 3, 64, 64, 16, f32, dev, layout="channels_last",
+                                                        mask_mode="bool", seed=2),
+        "mae_mask_ones_1ch": lambda: check_mae(2, 1, 28, 28, 7, f32, dev, mask_mode="ones", seed=3),
+        "mae_gpucfg": lambda: check_mae(1, 3, 32, 32, 16, f32, dev, seed=4,
+                                        config=_mae_gpu_cfg(4, 768) if dev == "cpu" else None),
+    })
+    if dev == "cuda":   # the benchmark shapes, in the GPU configuration, and the interpreter-only cases dropped
+        for kind in ("fixmatch", "refixmatch", "sequencematch"):
+            for (R_, C, dt) in BENCH_LOSS_SHAPES:
+                c[f"bench_{kind}_{R_}x{C}_{str(dt)[6:]}"] = lambda kind=kind, R_=R_, C=C, dt=dt: check_loss(
+                    kind, R_, C, dt, dev, seed=20)
+        for keep in (0.25, 0.5):
+            c[f"bench_tokens_256x196x768_keep{keep}"] = lambda keep=keep: check_tokens(
+                256, 196, int(196 * keep), 768, bf16, torch.int64, dev, seed=21)
+        c["bench_mae_vitb16_b256_f32"] = lambda: check_mae(256, 3, 224, 224, 16, f32, dev, seed=22)
+        c["bench_mae_vitb16_b256_bf16pred"] = lambda: check_mae(256, 3, 224, 224, 16, bf16, dev, seed=22)
+        c.pop("cpu_dispatch")
+    return c
+
+
+def _tok_gpu_cfg(D, elem):
+    from ._triton_tokens import pick_config
+    return pick_config(D, elem, interpret=False)
+
+
+def _mae_gpu_cfg(R_, E):
+    from ._triton_mae import pick_config
+    return pick_config(R_, E, interpret=False)
+
+
+# The benchmark's loss shapes (those of shared/baselines/anchors.py), also checked on the GPU.
+BENCH_LOSS_SHAPES = [(448, 10, torch.float32), (448, 100, torch.float32), (1280, 1000, torch.float32),
+                     (8192, 1000, torch.bfloat16), (32768, 1000, torch.bfloat16)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--cases", nargs="*", help="names to run (default: all)")
+    ap.add_argument("--skip", nargs="*", default=[], help="names not to run")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--out", help="folder for checks.jsonl")
+    a = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", category=RuntimeWarning)      # masked-off lanes under the interpreter
+    os.environ.setdefault("SSL_NB_KERNELS", "triton")
+    allc = cases(a.device)
+    if a.list:
+        print("\n".join(allc)); return 0
+    names = [n for n in (a.cases or list(allc)) if n not in set(a.skip)]
+    names.sort(key=lambda n: n != "cpu_dispatch")      # it checks that triton is not imported yet: run it first
+    unknown = [n for n in names if n not in allc]
+    if unknown: print(f"unknown cases: {unknown}", flush=True); return 2
+    out = open(os.path.join(a.out, "checks.jsonl"), "a") if a.out else None
+    if a.device == "cuda":
+        if not torch.cuda.is_available(): print("no CUDA device", flush=True); return 2
+        print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    fails = 0
+    t_all = time.time()
+    for n in names:
+        print(f"START {n}", flush=True)
+        t = time.time()
+        try:
+            ok, msg = allc[n]()
+        except Exception as e:                       # one broken case must not stop the others
+            ok, msg = False, f"{type(e).__name__}: {e} | {traceback.format_exc(limit=3)!r}"
+        dt = time.time() - t
+        fails += not ok
+        print(f"{'PASS' if ok else 'FAIL'} {n} {dt:.2f}s {msg}", flush=True)
+        if out: out.write(json.dumps(dict(case=n, ok=ok, seconds=round(dt, 3), detail=msg)) + "\n"); out.flush()
+    print(f"DONE {len(names) - fails}/{len(names)} passed in {time.time() - t_all:.1f}s", flush=True)
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
