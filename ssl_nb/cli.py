@@ -4,16 +4,27 @@
 
 # %% ../nbs/07_cli.ipynb #e40c36ce
 from __future__ import annotations
-import argparse, dataclasses, json, sys, typing
+import argparse, dataclasses, difflib, json, os, sys, typing
 from pathlib import Path
 
-from .core import ALGORITHMS, ConfigError, SSLNBError
+import torch
+from .core import ALGORITHMS, ConfigError, SSLNBError, is_dist
 from .train import fit, make_config, preset_overrides, PROTOCOL_PRESETS
 
 # %% auto #0
 __all__ = ['add_config_flags', 'config_from_argv', 'main']
 
 # %% ../nbs/07_cli.ipynb #095b8a5a
+class _Parser(argparse.ArgumentParser):
+    "An ArgumentParser whose errors are one line (with a 'did you mean' for unknown flags) and exit status 2."
+    def error(self, message):
+        if message.startswith("unrecognized arguments"):
+            flags = [o for a in self._actions for o in a.option_strings]
+            hints = [f"{w} (did you mean {m[0]}?)" for w in message.split(": ", 1)[1].split()
+                     if w.startswith("--") and (m := difflib.get_close_matches(w.split("=")[0], flags, n=1))]
+            if hints: message += "; " + ", ".join(hints)
+        self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
+
 def _parse_value(hint):
     "A converter for a CLI string given a field's type annotation."
     args = set(typing.get_args(hint)) or {hint}
@@ -45,7 +56,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
 def config_from_argv(algorithm: str, argv: list[str]):
     "Parse `fit` flags for `algorithm` into its config."
     cls = ALGORITHMS.get(algorithm).config_cls
-    p = argparse.ArgumentParser(prog=f"ssl-nb fit {algorithm}", description=cls.__doc__)
+    p = _Parser(prog=f"ssl-nb fit {algorithm}", description=cls.__doc__)
     p.add_argument("--preset", default=None, help="a protocol preset applied before the flags (see `ssl-nb presets`)")
     add_config_flags(p, cls)
     ns = vars(p.parse_args(argv))
@@ -58,7 +69,7 @@ def _summaries(folder: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `ssl-nb` and `python -m ssl_nb.cli`."
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="ssl-nb", description="Train and inspect ssl_nb runs.")
+    p = _Parser(prog="ssl-nb", description="Train and inspect ssl_nb runs.")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fit", help="train an algorithm (flags: `ssl-nb fit ALGO --help`)", add_help=False)
     f.add_argument("algorithm")
@@ -68,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = p.parse_known_args(argv)
     try:
         if args.cmd == "fit":
-            res = fit(config_from_argv(args.algorithm, rest))
-            if res.config and "best_top1" in res.summary(): print(json.dumps(res.summary(), indent=1))
+            try: res = fit(config_from_argv(args.algorithm, rest))
+            finally:
+                if is_dist(): torch.distributed.destroy_process_group()
+            if int(os.environ.get("RANK", 0)) == 0: print(json.dumps(res.summary(), indent=1))
         elif rest: p.error(f"unrecognized arguments: {' '.join(rest)}")
         elif args.cmd == "algorithms": print("\n".join(ALGORITHMS.names()))
         elif args.cmd == "presets":
@@ -80,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = _summaries(Path(args.folder))
             if not rows: print(f"No results.json under {args.folder}."); return 1
             for r in rows:
+                part = f" (first {r['eval_limit']} test images only)" if r.get("eval_limit") else ""
                 print(f"{r['algorithm']:>14} {r['dataset']}-{r['num_labels']} seed {r['seed']}: best top-1 "
-                      f"{100 * r['best_top1']:.2f}% (step {r['best_step']}), last {100 * r['last_top1']:.2f}%  [{r['run_dir']}]")
+                      f"{100 * r['best_top1']:.2f}% (step {r['best_step']}), last {100 * r['last_top1']:.2f}%{part}  "
+                      f"[{r['run_dir']}]")
     except SSLNBError as e:
         print(f"ssl-nb: error: {e}", file=sys.stderr); return 2
     return 0

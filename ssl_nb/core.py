@@ -56,7 +56,13 @@ class Registry:
     def __iter__(self): return iter(self.names())
 
     def get(self, name: str):
-        if name not in self._items and name in self._lazy: importlib.import_module(self._lazy[name])
+        if name not in self._items and name in self._lazy:
+            mod = self._lazy[name]
+            try: importlib.import_module(mod)
+            except ModuleNotFoundError as e:
+                if e.name != mod: raise                  # the module exists but one of its imports does not
+                raise ConfigError(f"The {self.kind} {name!r} lives in {mod}, which does not exist yet: export its "
+                                  f"notebook (nbdev_export) or pick one of {', '.join(self.names())}.") from e
         if name not in self._items:
             raise ConfigError(f"Unknown {self.kind} {name!r}. Known {self.kind}s: {', '.join(self.names())}.")
         return self._items[name]
@@ -86,6 +92,8 @@ def get_device(device: str | torch.device = "auto") -> torch.device:
     except RuntimeError as e: raise ConfigError(f"device={device!r} is not a torch device; use 'auto', 'cpu' or 'cuda[:N]'.") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but this machine has no CUDA GPU; use device='cpu' or 'auto'.")
+    if dev.type == "cuda" and dev.index is None:            # under torchrun, each process its own GPU
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return dev
 
 def autocast(device: torch.device, enabled: bool = True):
@@ -149,6 +157,7 @@ def init_distributed(device: torch.device) -> DistEnv:
     "Start the process group described by torchrun's environment variables, if any."
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world <= 1: return DistEnv()
+    if device.type == "cuda": torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from .core import (ALGORITHMS, CheckpointError, ConfigError, NonFiniteLossError, DistEnv, all_reduce_mean, is_dist,
                          atomic_save, autocast, barrier, get_device, init_distributed, load_checkpoint,
                          resolve_run_dir, seed_everything, unwrap)
-from .data import SSLLoader, load_dataset, split_labeled
+from .data import DATASETS, SSLLoader, load_dataset, split_labeled
 from .augment import make_views
-from .models import create as create_model, param_groups
+from .models import MODELS, create as create_model, param_groups
 
 # %% auto #0
 __all__ = ['PROTOCOL_PRESETS', 'TrainConfig', 'SSLConfig', 'preset_overrides', 'make_config', 'Algorithm', 'pseudo_label_stats',
@@ -58,6 +58,7 @@ class TrainConfig:
     # bookkeeping
     eval_every: int = 250
     eval_batch_size: int = 512
+    eval_limit: int | None = None         # evaluate on the first N test images only (smoke tests, CI); None: all
     ckpt_every: int = 500
     log_every: int = 25
     seed: int = 0
@@ -90,6 +91,11 @@ class TrainConfig:
             if not 0 <= self.ema_decay < 1: errs.append(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
             if not 0 < self.bn_momentum <= 1: errs.append(f"bn_momentum must be in (0, 1] (got {self.bn_momentum})")
             if self.schedule_iters is not None and self.schedule_iters <= 0: errs.append("schedule_iters must be > 0")
+            if self.eval_limit is not None and self.eval_limit <= 0:
+                errs.append(f"eval_limit must be > 0 or None for the whole test set (got {self.eval_limit})")
+            if self.net not in MODELS: errs.append(f"net {self.net!r} is unknown (known nets: {', '.join(MODELS.names())})")
+            if self.dataset not in DATASETS:
+                errs.append(f"dataset {self.dataset!r} is unknown (known datasets: {', '.join(DATASETS.names())})")
             for k, allowed in _CHOICES.items():
                 if getattr(self, k) not in allowed: errs.append(f"{k} must be one of {allowed} (got {getattr(self, k)!r})")
             errs += self.check()
@@ -311,39 +317,49 @@ def prepare_data(cfg: TrainConfig) -> RunData:
     lb_idx, ulb_idx = split_labeled(train.targets, cfg.num_labels, cfg.seed)
     ulb = train.subset(ulb_idx)
     if cfg.dataset == "stl10": ulb = ulb.concat(load_dataset("stl10", "unlabeled", cfg.data_root))
+    if cfg.eval_limit is not None and cfg.eval_limit < len(test): test = test.subset(range(cfg.eval_limit))
     return RunData(train.subset(lb_idx), ulb, test, train.num_classes, train.in_chans, train.image_size[0],
                    tuple(train.mean), tuple(train.std))
 
 # %% ../nbs/05_train.ipynb #90870525
+_NO_BAD_STEP = 2**62
+
 class MetricLogger:
     "Accumulates step scalars on the device; writes JSONL rows and TensorBoard scalars on flush."
-    def __init__(self, run_dir: Path, device, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, device, enabled: bool = True, tensorboard: bool = True, start: int = 0):
         self.path, self.enabled, self.device = run_dir / "metrics.jsonl", enabled, device
         self.tb = None
+        if enabled and start > 0 and self.path.exists():      # resumed: drop the rows written after the checkpoint
+            rows = [json.dumps(r) + "\n" for r in _parse_rows(self.path) if r["step"] <= start]
+            self.path.write_text("".join(rows))
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start > 0 else None)
             except ImportError: pass
         self.reset()
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_step = torch.full((), _NO_BAD_STEP, dtype=torch.long, device=device)
 
     def reset(self): self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
 
     def accumulate(self, out: dict, step: int):
         for k, v in out.items():
-            v = v.detach().float().reshape(-1)            # a scalar, or a (numerator, denominator) pair
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            v = torch.as_tensor(v, device=self.device).detach().float().reshape(-1)
+            if v.numel() not in (1, 2):
+                raise ValueError(f"train_step returned {k!r} with {v.numel()} values; log a scalar or a "
+                                 f"(numerator, denominator) pair.")
+            # the first value is copied: a returned tensor that the algorithm later updates in place stays as logged
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.count += 1
         finite = torch.isfinite(out["loss"].detach()).all()
-        self.bad_step = torch.where((self.bad_step < 0) & ~finite, step, self.bad_step)
+        self.bad_step = torch.where((self.bad_step == _NO_BAD_STEP) & ~finite, step, self.bad_step)
 
     def flush(self, step: int, **extra) -> dict:
         "Average what was accumulated, check for non-finite losses, write a row. One host sync."
         keys = sorted(self.sums)
-        bad = self.bad_step.clone()
-        if is_dist(): torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if bad.item() >= 0: return {"bad_step": int(bad)}
+        bad = self.bad_step.clone()           # the first bad step over all processes
+        if is_dist(): torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+        if bad.item() != _NO_BAD_STEP: return {"bad_step": int(bad)}
         flat = all_reduce_mean(torch.cat([self.sums[k] for k in keys])).tolist() if keys else []
         vals, i = {}, 0
         for k in keys:
@@ -363,12 +379,22 @@ class MetricLogger:
                 if isinstance(v, (int, float)) and k != "step": self.tb.add_scalar(f"{row['kind']}/{k}", v, row["step"])
             self.tb.flush()
 
+    def close(self):
+        if self.tb is not None: self.tb.close(); self.tb = None
+
+def _parse_rows(p: Path) -> list[dict]:
+    "The rows of a JSONL file; a line cut short by a killed process is skipped."
+    rows = []
+    for l in p.read_text().splitlines():
+        try: rows.append(json.loads(l))
+        except json.JSONDecodeError: pass
+    return [r for r in rows if isinstance(r, dict) and "step" in r]
+
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
     "The rows of a run's metrics.jsonl (optionally one kind: 'train' or 'eval')."
     p = Path(run_dir) / "metrics.jsonl"
     if not p.exists(): return []
-    rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
-    return [r for r in rows if kind is None or r["kind"] == kind]
+    return [r for r in _parse_rows(p) if kind is None or r["kind"] == kind]
 
 def _progress(total, initial, enabled):
     from tqdm.auto import tqdm
@@ -378,18 +404,44 @@ def _progress(total, initial, enabled):
 
 # %% ../nbs/05_train.ipynb #69f71939
 _RESUME_FREE = {"run_dir", "resume", "device", "progress", "tensorboard", "num_workers", "eval_batch_size",
-                "log_every", "ckpt_every", "eval_every", "data_root", "compile"}
+                "eval_limit", "log_every", "ckpt_every", "eval_every", "data_root", "compile"}
+_CKPT_KEYS = ("step", "config", "model", "ema", "optimizer", "scheduler", "loader", "algorithm", "aug_rng", "cpu_rng",
+              "best", "history")
 
 def _config_diff(saved: dict, cfg: TrainConfig) -> list[str]:
     now = cfg.to_dict()
     return [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if k not in _RESUME_FREE and saved.get(k) != now.get(k)]
 
-def _gather_rng(gen: torch.Generator, dev) -> list[torch.Tensor]:
-    "The generator state of every process (a list with one ByteTensor per rank)."
+def _check_resumable(ck, path, cfg: TrainConfig, world_size: int):
+    "Raise a CheckpointError unless `ck` is a complete checkpoint of this run's config and number of processes."
+    missing = [k for k in _CKPT_KEYS if k not in ck] if isinstance(ck, dict) else list(_CKPT_KEYS)
+    if missing:
+        raise CheckpointError(f"{path} is not a resumable ssl_nb checkpoint (it lacks {', '.join(missing)}; best.pt "
+                              f"holds weights only). Resume from a run's last.pt, or start a new run.")
+    diff = _config_diff(ck["config"], cfg)
+    if diff: raise CheckpointError(f"{path} was written by a different config ({'; '.join(diff)}). Resume with the "
+                                   f"same settings, or start a new run in another run_dir.")
+    if len(ck["aug_rng"]) != world_size:
+        raise CheckpointError(f"{path} was written by {len(ck['aug_rng'])} process(es), this run has {world_size}: the "
+                              f"augmentation streams of each process are in the checkpoint, so resume with "
+                              f"--nproc_per_node={len(ck['aug_rng'])} (the same global batch_size is not enough).")
+
+def _gather_state(st: torch.Tensor, dev) -> list[torch.Tensor]:
+    "An RNG state (a ByteTensor) of every process: a list with one per rank, on the CPU."
     from ssl_nb.core import all_gather_cat
-    st = gen.get_state()
-    return list(all_gather_cat(st.to(dev)[None]).cpu()) if dev.type == "cuda" else list(all_gather_cat(st[None]))
+    states = all_gather_cat(st.to(dev)[None] if dev.type == "cuda" else st[None]).cpu()
+    # separate tensors, not views of one buffer: `Generator.set_state` reads a view at a storage offset wrongly
+    # (rank 1's state came back as garbage: "Invalid mt19937 state")
+    return [s.clone() for s in states]
+
+def _finite(*modules) -> bool:
+    "Whether every floating-point parameter and buffer of `modules` is finite on every process (one host sync)."
+    ts = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+    if not ts: return True
+    ok = torch.stack([torch.isfinite(t).all() for t in ts]).all().to(torch.int32)
+    if is_dist(): torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok)
 
 # %% ../nbs/05_train.ipynb #c9bd83e5
 @dataclass
@@ -403,13 +455,15 @@ class FitResult:
     last_ece: float
     per_class: list
     history: list                     # one dict per evaluation
-    final_eval: dict = field(repr=False, default_factory=dict)   # probs and labels of the last evaluation
+    final_eval: dict = field(repr=False, default_factory=dict)   # probs and labels of the last evaluation (rank 0)
+    eval_images: int = 0              # how many test images each evaluation used
 
     def summary(self) -> dict:
         return {"algorithm": self.config["algorithm"], "dataset": self.config["dataset"],
                 "num_labels": self.config["num_labels"], "seed": self.config["seed"], "steps": self.config["num_iters"],
                 "best_top1": self.best_top1, "best_step": self.best_step, "last_top1": self.last_top1,
-                "last_ece": self.last_ece, "run_dir": str(self.run_dir)}
+                "last_ece": self.last_ece, "eval_images": self.eval_images,
+                "eval_limit": self.config.get("eval_limit"), "run_dir": str(self.run_dir)}
 
 def default_run_dir(cfg: TrainConfig) -> Path:
     return resolve_run_dir(cfg.run_dir or f"runs/{cfg.algorithm}-{cfg.dataset}-{cfg.num_labels}-s{cfg.seed}")
@@ -417,15 +471,23 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
     "Train `cfg.algorithm` as configured; returns a `FitResult`. `callbacks` are called as `cb(step, state)`."
     cfg.validate()
+    algo_cls = ALGORITHMS.get(cfg.algorithm)
+    if not isinstance(cfg, algo_cls.config_cls):
+        raise ConfigError(f"{cfg.algorithm} needs a {algo_cls.config_cls.__name__}, got a {type(cfg).__name__}: build "
+                          f"the config with make_config({cfg.algorithm!r}, ...).")
     device = get_device(cfg.device)
     denv = init_distributed(device)
     if cfg.batch_size % denv.world_size:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({denv.world_size}).")
     run_dir = default_run_dir(cfg)
     ckpt_path = _resume_path(cfg, run_dir)
+    ck = None
+    if ckpt_path is not None:                                 # checked before any data is loaded
+        ck = load_checkpoint(ckpt_path, map_location="cpu")
+        _check_resumable(ck, ckpt_path, cfg, denv.world_size)
     seed_everything(cfg.seed)                                  # identical initial weights on every process
     data = prepare_data(cfg)
-    algo = ALGORITHMS.get(cfg.algorithm)(cfg, data.num_classes, len(data.lb), len(data.ulb), data.in_chans, denv)
+    algo = algo_cls(cfg, data.num_classes, len(data.lb), len(data.ulb), data.in_chans, denv)
     algo.to(device)
     cuda = device.type == "cuda"
     mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -444,16 +506,21 @@ def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total, cfg.warmup_iters))
     start, best, history = 0, {"top1": -1.0, "step": -1}, []
 
-    if ckpt_path is not None:
-        ck = load_checkpoint(ckpt_path, map_location="cpu")
-        diff = _config_diff(ck["config"], cfg)
-        if diff: raise CheckpointError(f"{ckpt_path} was written by a different config ({'; '.join(diff)}). Resume "
-                                       f"with the same settings, or start a new run in another run_dir.")
-        model.load_state_dict(ck["model"]); ema.module.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"]); sched.load_state_dict(ck["scheduler"])
-        loader.load_state_dict(ck["loader"]); algo.load_state_dict(ck["algorithm"])
-        aug_gen.set_state(ck["aug_rng"][denv.rank]); torch.set_rng_state(ck["cpu_rng"])
+    if ck is not None:
+        try:
+            model.load_state_dict(ck["model"]); ema.module.load_state_dict(ck["ema"])
+            opt.load_state_dict(ck["optimizer"]); sched.load_state_dict(ck["scheduler"])
+            loader.load_state_dict(ck["loader"]); algo.load_state_dict(ck["algorithm"])
+            aug_gen.set_state(ck["aug_rng"][denv.rank].clone())
+            cpu_rng = ck["cpu_rng"]
+            torch.set_rng_state((cpu_rng[denv.rank] if isinstance(cpu_rng, list) else cpu_rng).clone())
+            if cuda and ck.get("cuda_rng"): torch.cuda.set_rng_state(ck["cuda_rng"][denv.rank].clone(), device)
+        except CheckpointError: raise
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise CheckpointError(f"{ckpt_path} does not fit this run ({type(e).__name__}: {e}); it was written by "
+                                  f"another model, algorithm or version. Start a new run in another run_dir.") from e
         start, best, history = ck["step"], ck["best"], ck["history"]
+        del ck
 
     if denv.enabled:
         if cuda and cfg.sync_bn: model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -465,8 +532,8 @@ def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
     if denv.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "views": {k: v.describe() for k, v in views.items()},
-                                                         "world_size": denv.world_size, "device": str(device)}, indent=1))
-    logger = MetricLogger(run_dir, device, enabled=denv.is_main, tensorboard=cfg.tensorboard)
+                                                         "world_size": denv.world_size, "device": str(device),
+                                                         "eval_images": len(data.test)}, indent=1))
     test_images = data.test.images if torch.is_tensor(data.test.images) else None
 
     def run_eval(step):
@@ -475,18 +542,30 @@ def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
                             cfg.eval_batch_size, device, cfg.amp)
         return ev
 
+    def check_weights(step):
+        if not _finite(unwrap(model), ema.module):
+            raise NonFiniteLossError(
+                f"The weights of {cfg.algorithm} became NaN or infinite by step {step} while the loss stayed finite (an "
+                f"overflowing gradient?); nothing was evaluated or saved from that state. Last good checkpoint: "
+                f"{_last_good(run_dir)}. Lower lr (or add a warm-up), then resume=True to continue from the checkpoint.")
+
     def save(step):
         state = {"format": "ssl_nb/1", "step": step, "config": cfg.to_dict(), "model": unwrap(model).state_dict(),
                  "ema": ema.module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "loader": loader.state_dict(), "algorithm": algo.state_dict(), "aug_rng": _gather_rng(aug_gen, device),
-                 "cpu_rng": torch.get_rng_state(), "best": best, "history": history}
+                 "loader": loader.state_dict(), "algorithm": algo.state_dict(),
+                 "aug_rng": _gather_state(aug_gen.get_state(), device),
+                 "cpu_rng": _gather_state(torch.get_rng_state(), device),
+                 "cuda_rng": _gather_state(torch.cuda.get_rng_state(device), device) if cuda else None,
+                 "best": best, "history": history}
         if denv.is_main: atomic_save(state, run_dir / "last.pt")
 
-    bar = _progress(cfg.num_iters, start, enabled=cfg.progress and denv.is_main)
     final = None
     last_eval = history[-1] if history else None
     unwrap(model).train()
+    bar = logger = None
     try:
+        logger = MetricLogger(run_dir, device, enabled=denv.is_main, tensorboard=cfg.tensorboard, start=start)
+        bar = _progress(cfg.num_iters, start, enabled=cfg.progress and denv.is_main)
         for step in range(start, cfg.num_iters):
             batch = next(loader)
             inputs = {k: views[v](batch["x_" + src], aug_gen) for k, (src, v) in algo.views.items()}
@@ -498,18 +577,18 @@ def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
             out["loss"].backward()
             opt.step(); sched.step()
             ema.update(model, step)
-            logger.accumulate(out, step)
-            done = step + 1
+            done = step + 1                   # steps are counted in updates done, in logs, checkpoints and errors
+            logger.accumulate(out, done)
             is_eval, is_ckpt = done % cfg.eval_every == 0 or done == cfg.num_iters, done % cfg.ckpt_every == 0 or done == cfg.num_iters
             if done % cfg.log_every == 0 or is_eval or is_ckpt:
                 row = logger.flush(done, lr=sched.get_last_lr()[0])
                 if "bad_step" in row:
-                    good = f"{run_dir / 'last.pt'} (step {_ckpt_step(run_dir)})" if (run_dir / "last.pt").exists() else "none yet"
                     raise NonFiniteLossError(
                         f"The training loss became NaN or infinite at step {row['bad_step']} of {cfg.algorithm}; the run "
-                        f"stopped before writing anything from that state. Last good checkpoint: {good}. Lower lr, check "
-                        f"the data and the loss inputs, then resume=True to continue from the checkpoint.")
+                        f"stopped before writing anything from that state. Last good checkpoint: {_last_good(run_dir)}. "
+                        f"Lower lr, check the data and the loss inputs, then resume=True to continue from the checkpoint.")
                 bar.set_postfix(loss=f"{row['loss']:.3f}", **({"top1": f"{last_eval['top1']:.3f}"} if last_eval else {}), refresh=False)
+            if is_eval or is_ckpt: check_weights(done)
             if is_eval:
                 if denv.is_main:
                     ev = final = run_eval(done)
@@ -523,19 +602,31 @@ def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
                 barrier()
             if is_ckpt: save(done)
             bar.update(1)
-            for cb in callbacks: cb(done, {"model": model, "ema": ema, "algorithm": algo, "history": history})
+            for cb in callbacks: cb(done, {"model": model, "ema": ema, "algorithm": algo, "optimizer": opt,
+                                           "history": history, "dist": denv})
+        if final is None and denv.is_main: final = run_eval(cfg.num_iters)     # a finished run, reloaded
     finally:
-        bar.close(); loader.close()
-    if final is None: final = run_eval(cfg.num_iters) if denv.is_main else {}     # a finished run, reloaded
-    res = FitResult(run_dir, cfg.to_dict(), best["top1"], best["step"], final.get("top1", float("nan")),
-                    final.get("ece", float("nan")), final["per_class"].tolist() if final else [], history, final)
+        if bar is not None: bar.close()
+        if logger is not None: logger.close()
+        loader.close()
+    final = final or {}
+    summary = {"best": best, "history": history, "top1": final.get("top1", float("nan")),
+               "ece": final.get("ece", float("nan")), "per_class": final["per_class"].tolist() if final else []}
+    if denv.enabled:                                          # every process returns rank 0's results
+        box = [summary]; torch.distributed.broadcast_object_list(box, src=0); summary = box[0]
+    res = FitResult(run_dir, cfg.to_dict(), summary["best"]["top1"], summary["best"]["step"], summary["top1"],
+                    summary["ece"], summary["per_class"], summary["history"], final, len(data.test))
     if denv.is_main: (run_dir / "results.json").write_text(json.dumps(res.summary(), indent=1))
     barrier()
     return res
 
-def _ckpt_step(run_dir):
-    try: return load_checkpoint(run_dir / "last.pt")["step"]
-    except CheckpointError: return "unreadable"
+def _last_good(run_dir) -> str:
+    "The last checkpoint of `run_dir` and its step, for error messages."
+    p = Path(run_dir) / "last.pt"
+    if not p.exists(): return "none yet"
+    try: step = load_checkpoint(p)["step"]
+    except (CheckpointError, KeyError, TypeError): step = "unreadable"
+    return f"{p} (step {step})"
 
 def _resume_path(cfg, run_dir) -> Path | None:
     last = run_dir / "last.pt"

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The one command of a borrowed-GPU session (see README "GPU checks"): kernel correctness checks and benchmark,
+# then end-to-end training steps. Needs Fashion-MNIST's four IDX files in .carry/fashion-mnist (an ignored folder):
+#   mkdir -p .carry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .carry/fashion-mnist/
+#   device run: carry [".carry"], command: bash tools/gpu_session.sh "$OUT"
+set -u
+OUT="${1:?usage: gpu_session.sh OUT}"; mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BENCH_BUDGET_S="${BENCH_BUDGET_S:-120}" bash "$ROOT/kernels/gpu_check.sh" "$OUT"
+PP="$(mktemp -d)"; mkdir -p "$PP/ssl_nb"; cp "$ROOT"/ssl_nb/*.py "$PP/ssl_nb/"; cp -r "$ROOT/kernels" "$PP/ssl_nb/kernels"
+cd "$PP" && PYTHONPATH="$PP" PYTHONUNBUFFERED=1 timeout "${SMOKE_TIMEOUT_S:-150}" python3 "$ROOT/tools/gpu_train_smoke.py" "$OUT" \
+  "$ROOT/.carry/fashion-mnist" "${SMOKE_STEPS:-300}" 2>&1 | tail -n 20
