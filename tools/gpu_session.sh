@@ -10,3 +10,6 @@ BENCH_BUDGET_S="${BENCH_BUDGET_S:-120}" bash "$ROOT/kernels/gpu_check.sh" "$OUT"
 PP="$(mktemp -d)"; mkdir -p "$PP/ssl_nb"; cp "$ROOT"/ssl_nb/*.py "$PP/ssl_nb/"; cp -r "$ROOT/kernels" "$PP/ssl_nb/kernels"
 cd "$PP" && PYTHONPATH="$PP" PYTHONUNBUFFERED=1 timeout "${SMOKE_TIMEOUT_S:-150}" python3 "$ROOT/tools/gpu_train_smoke.py" "$OUT" \
   "$ROOT/.carry/fashion-mnist" "${SMOKE_STEPS:-300}" 2>&1 | tail -n 20
+# the device tool returns at most 8 files: keep the two summaries, pack everything into one archive
+cd "$OUT" && tar czf all.tgz --exclude=all.tgz . && find . -maxdepth 1 -type f ! -name all.tgz ! -name bench.md ! -name train_smoke.json -delete
+ls -la "$OUT"
