@@ -12,7 +12,8 @@ from .core import ConfigError, all_gather_cat
 
 # %% auto #0
 __all__ = ['pseudo_label', 'kl_from_logits', 'fixmatch_loss', 'low_confidence_kl', 'refixmatch_loss', 'masked_kl',
-           'sequencematch_loss', 'FlexMatchThreshold']
+           'sequencematch_loss', 'FlexMatchThreshold', 'dist_align_queue', 'DistAlignQueue', 'simmatch_loss',
+           'simmatch_bank_update', 'comatch_smooth', 'comatch_graph', 'comatch_loss', 'comatch_queue_push']
 
 # %% ../nbs/04_losses.ipynb #c586bb6d
 def _check_logits(**named):
@@ -113,3 +114,140 @@ class FlexMatchThreshold(nn.Module):
         denom = counts.max() if self.warmup else counts[1:].max().clamp_min(1)
         beta = counts[1:] / denom
         self.classwise_acc.copy_(torch.where(counts.max() < self.num_unlabeled, beta, self.classwise_acc))
+
+# %% ../nbs/04_losses.ipynb #840a8ea8
+def _fp32(t: torch.Tensor):
+    "A context that turns autocast off: similarities and soft targets are computed in fp32."
+    return torch.autocast(t.device.type, enabled=False)
+
+@torch.no_grad()
+def dist_align_queue(probs: torch.Tensor, p_model: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    "Align `probs` [B, C] to a uniform target: `probs * (1/C + eps) / (p_model + eps)`, rows renormalised. `p_model`: [C] or a history [L, C] (its mean is used)."
+    probs = probs.detach().float()
+    pm = p_model.float().mean(0) if p_model.ndim == 2 else p_model.float()
+    if pm.shape != probs.shape[1:]:
+        raise ConfigError(f"p_model must have {probs.shape[1]} classes (shape [C] or [L, C]); got {tuple(p_model.shape)}.")
+    out = probs * (1.0 / probs.shape[1] + eps) / (pm + eps)
+    return out / out.sum(-1, keepdim=True)
+
+class DistAlignQueue(nn.Module):
+    "USB's DistAlignQueueHook (uniform target): `da(probs)` records the batch mean, then aligns `probs`."
+    def __init__(self, num_classes: int, da_len: int = 32):
+        super().__init__()
+        if da_len < 1: raise ConfigError(f"da_len must be >= 1; got {da_len}.")
+        self.num_classes, self.da_len = num_classes, da_len
+        self.register_buffer("p_model", torch.zeros(da_len, num_classes))
+        self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor):
+        "Write the batch mean of `probs` (over all processes) at the pointer and advance it."
+        mean = all_gather_cat(probs.detach().float()).mean(0)
+        self.p_model.index_copy_(0, self.ptr, mean[None])
+        self.ptr.add_(1).remainder_(self.da_len)
+
+    @torch.no_grad()
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        self.update(probs)
+        return dist_align_queue(probs, self.p_model)
+
+# %% ../nbs/04_losses.ipynb #cc00ed3e
+def simmatch_loss(logits_s: torch.Tensor, feat_w: torch.Tensor, feat_s: torch.Tensor, probs_w_aligned: torch.Tensor,
+                  bank: torch.Tensor, labels_bank: torch.Tensor, *, T: float = 0.1, alpha: float = 0.9,
+                  p_cutoff: float = 0.95, first_epoch: bool = False):
+    "SimMatch's unlabeled loss `L_u` and instance loss `L_in` (unweighted), and `aux` (mask, p_hat, t_in, agg, s_t)."
+    if T <= 0: raise ConfigError(f"T must be > 0; got {T}.")
+    n, C = probs_w_aligned.shape
+    if bank.ndim != 2 or labels_bank.shape != bank.shape[1:] or feat_w.shape != (n, bank.shape[0]) or feat_s.shape != feat_w.shape:
+        raise ConfigError(f"simmatch_loss expects feat_w/feat_s [{n}, d], bank [d, K], labels_bank [K]; got "
+                          f"{tuple(feat_w.shape)}, {tuple(feat_s.shape)}, {tuple(bank.shape)}, {tuple(labels_bank.shape)}.")
+    _check_logits(logits_s=logits_s, probs_w_aligned=probs_w_aligned)
+    with _fp32(feat_s):
+        bank = bank.detach().float()
+        with torch.no_grad():
+            p_w = probs_w_aligned.detach().float()
+            lab = labels_bank.expand(n, -1)
+            s_t = (feat_w.detach().float() @ bank / T).softmax(1)                    # [n, K]
+            t_in = s_t * p_w.gather(1, lab)                                           # unfolding
+            t_in = t_in / t_in.sum(1, keepdim=True)
+            agg = torch.zeros_like(p_w).scatter_add_(1, lab, s_t)                     # aggregation [n, C]
+            p_hat = p_w if first_epoch else alpha * p_w + (1 - alpha) * agg
+            mask = (p_hat.amax(1) >= p_cutoff).float()
+        log_s_s = (feat_s.float() @ bank / T).log_softmax(1)
+        loss_in = -(t_in * log_s_s).sum(1).mean()
+        if first_epoch: loss_in = loss_in * 0.0                                      # as USB: the graph stays, the value is 0
+        loss_u = (mask * -(p_hat * logits_s.float().log_softmax(-1)).sum(-1)).mean()
+    return loss_u, loss_in, {"mask": mask, "p_hat": p_hat, "t_in": t_in, "agg": agg, "s_t": s_t}
+
+# %% ../nbs/04_losses.ipynb #ecdc73b8
+_BANK_RENORM = ("code", "per_embedding")
+
+@torch.no_grad()
+def simmatch_bank_update(bank: torch.Tensor, labels_bank: torch.Tensor, idx: torch.Tensor, k: torch.Tensor,
+                         y: torch.Tensor, *, momentum: float = 0.7, replace: bool = False, bank_renorm: str = "code"):
+    "SimMatch's labeled bank update; returns the new `(bank [d, K], labels_bank [K])`. Duplicate indices: the last wins."
+    if bank_renorm not in _BANK_RENORM: raise ConfigError(f"bank_renorm must be one of {_BANK_RENORM}; got {bank_renorm!r}.")
+    d, K = bank.shape
+    if k.ndim != 2 or k.shape[1] != d or idx.shape != k.shape[:1] or y.shape != idx.shape:
+        raise ConfigError(f"simmatch_bank_update expects k [n, {d}], idx [n], y [n]; got {tuple(k.shape)}, "
+                          f"{tuple(idx.shape)}, {tuple(y.shape)}.")
+    kt = k.detach().to(bank.dtype).t()                                               # [d, n]
+    if replace: upd = kt
+    else: upd = F.normalize(momentum * bank[:, idx] + (1 - momentum) * kt, dim=1 if bank_renorm == "code" else 0)
+    n = idx.shape[0]
+    last = torch.full((K,), -1, dtype=torch.long, device=bank.device).scatter_reduce_(
+        0, idx, torch.arange(n, device=bank.device), "amax")                          # last batch row per bank column
+    hit, src = last >= 0, last.clamp_min(0)
+    return torch.where(hit, upd[:, src], bank), torch.where(hit, y.to(labels_bank.dtype)[src], labels_bank)
+
+# %% ../nbs/04_losses.ipynb #7f43b938
+@torch.no_grad()
+def comatch_smooth(probs: torch.Tensor, feat_w: torch.Tensor, queue_feats: torch.Tensor, queue_probs: torch.Tensor,
+                   *, T: float = 0.2, alpha: float = 0.9) -> torch.Tensor:
+    "CoMatch's memory-smoothed pseudo-labels: `alpha * probs + (1 - alpha) * softmax(f_w Q_f^T / T) @ Q_p`."
+    with _fp32(probs):
+        A = (feat_w.detach().float() @ queue_feats.float().t() / T).softmax(1)
+        return alpha * probs.detach().float() + (1 - alpha) * A @ queue_probs.float()
+
+@torch.no_grad()
+def comatch_graph(probs: torch.Tensor, cutoff: float = 0.8) -> torch.Tensor:
+    "The pseudo-label graph: `p p^T` with self-loops, entries below `cutoff` dropped, rows normalised."
+    p = probs.detach().float()
+    G = p @ p.t()
+    G.fill_diagonal_(1)
+    G = G * (G >= cutoff).float()
+    return G / G.sum(1, keepdim=True)
+
+def comatch_loss(logits_s0: torch.Tensor, feat_s0: torch.Tensor, feat_s1: torch.Tensor, probs_smoothed: torch.Tensor,
+                 *, T: float = 0.2, contrast_p_cutoff: float = 0.8, p_cutoff: float = 0.95):
+    "CoMatch's unlabeled loss `L_u` and graph-contrastive loss `L_c` (unweighted), and `aux` (mask, graph)."
+    if T <= 0: raise ConfigError(f"T must be > 0; got {T}.")
+    _check_logits(logits_s0=logits_s0, probs_smoothed=probs_smoothed)
+    if feat_s0.shape != feat_s1.shape or feat_s0.shape[0] != logits_s0.shape[0]:
+        raise ConfigError(f"feat_s0 and feat_s1 must both be [{logits_s0.shape[0]}, d]; got {tuple(feat_s0.shape)}, {tuple(feat_s1.shape)}.")
+    with _fp32(feat_s0):
+        p = probs_smoothed.detach().float()
+        mask = (p.amax(1) >= p_cutoff).float()
+        loss_u = (mask * -(p * logits_s0.float().log_softmax(-1)).sum(-1)).mean()
+        G = comatch_graph(p, contrast_p_cutoff)
+        sim_probs = (feat_s0.float() @ feat_s1.float().t() / T).softmax(1)
+        loss_c = -(G * torch.log(sim_probs + 1e-7)).sum(1).mean()
+    return loss_u, loss_c, {"mask": mask, "graph": G}
+
+# %% ../nbs/04_losses.ipynb #6eb59900
+@torch.no_grad()
+def comatch_queue_push(queue_feats: torch.Tensor, queue_probs: torch.Tensor, ptr, feats: torch.Tensor,
+                       probs: torch.Tensor):
+    "Write `feats`/`probs` at `ptr` (truncated at the end of the queue); returns `(queue_feats, queue_probs, new_ptr)`."
+    Q, n = queue_feats.shape[0], feats.shape[0]
+    if feats.shape[1:] != queue_feats.shape[1:] or probs.shape[1:] != queue_probs.shape[1:] or probs.shape[0] != n:
+        raise ConfigError(f"comatch_queue_push expects feats [n, {queue_feats.shape[1]}] and probs [n, {queue_probs.shape[1]}]; "
+                          f"got {tuple(feats.shape)} and {tuple(probs.shape)}.")
+    ptr = torch.as_tensor(ptr, device=queue_feats.device).reshape(())
+    r = torch.arange(Q, device=queue_feats.device) - ptr                  # the batch row each slot would receive
+    take = ((r >= 0) & (r < n))[:, None]
+    rc = r.clamp(0, n - 1)
+    new_feats = torch.where(take, feats.detach().to(queue_feats.dtype)[rc], queue_feats)
+    new_probs = torch.where(take, probs.detach().to(queue_probs.dtype)[rc], queue_probs)
+    new_ptr = torch.where(ptr + n >= Q, torch.zeros_like(ptr), ptr + n)
+    return new_feats, new_probs, new_ptr
