@@ -17,19 +17,13 @@ from __future__ import annotations
 import argparse, dataclasses, json, os, platform, shlex, subprocess, sys, time
 from pathlib import Path
 
-VARIANTS = {"epass": ["--num-projectors", "3"]}
-
-
 def parse_spec(spec: str) -> tuple[str, list[str]]:
-    "`simmatch+epass` -> ('simmatch', ['--num-projectors', '3']); plain names of projector algorithms get 1."
-    from ssl_nb.core import ALGORITHMS
-    name, *variants = spec.split("+")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown: sys.exit(f"grid.py: unknown variant(s) {unknown} in {spec!r}; known: {sorted(VARIANTS)}")
-    fields = {f.name for f in dataclasses.fields(ALGORITHMS.get(name).config_cls)}
-    flags = [f for v in variants for f in VARIANTS[v]]
-    if not variants and "num_projectors" in fields: flags = ["--num-projectors", "1"]
-    return name, flags
+    "`simmatch+epass` -> ('simmatch', ['--num-projectors', '3']) (see `ssl_nb.epass.algorithm_spec`)."
+    from ssl_nb.core import SSLNBError
+    from ssl_nb.epass import algorithm_spec
+    try: name, overrides = algorithm_spec(spec)
+    except SSLNBError as e: sys.exit(f"grid.py: {e}")
+    return name, [a for k, v in overrides.items() for a in ("--" + k.replace("_", "-"), str(v))]
 
 
 def run_one(spec, labels, seed, out: Path, shared: list[str]) -> dict:
@@ -57,11 +51,12 @@ def collect(run_dir: Path, spec: str) -> dict:
     per_class = res.get("per_class")
     if per_class is None:     # older results.json: read the last evaluation from the checkpoint
         per_class = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["history"][-1]["per_class"]
-    pc = torch.tensor(per_class)
+    from ssl_nb.epass import per_class_spread
+    spread = per_class_spread(per_class)
     wall = json.loads((run_dir / "wall.json").read_text())["wall_s"] if (run_dir / "wall.json").exists() else float("nan")
     return {"spec": spec, "algorithm": res["algorithm"], "num_labels": res["num_labels"], "seed": res["seed"],
             "steps": res["steps"], "best_top1": res["best_top1"], "last_top1": res["last_top1"], "last_ece": res["last_ece"],
-            "class_std": float(pc.std(unbiased=False)), "worst_class": float(pc.min()), "wall_s": wall,
+            "class_std": spread["per_class_std"], "worst_class": spread["per_class_min"], "wall_s": wall,
             "run_dir": str(run_dir)}
 
 

@@ -443,7 +443,7 @@ def _finite(*modules) -> bool:
     if is_dist(): torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     return bool(ok)
 
-# %% ../nbs/05_train.ipynb #c9bd83e5
+# %% ../nbs/05_train.ipynb #2d911f0a
 @dataclass
 class FitResult:
     "What a run produced (also written to run_dir/results.json)."
@@ -462,7 +462,7 @@ class FitResult:
         return {"algorithm": self.config["algorithm"], "dataset": self.config["dataset"],
                 "num_labels": self.config["num_labels"], "seed": self.config["seed"], "steps": self.config["num_iters"],
                 "best_top1": self.best_top1, "best_step": self.best_step, "last_top1": self.last_top1,
-                "last_ece": self.last_ece, "eval_images": self.eval_images,
+                "last_ece": self.last_ece, "per_class": self.per_class, "eval_images": self.eval_images,
                 "eval_limit": self.config.get("eval_limit"), "run_dir": str(self.run_dir)}
 
 def default_run_dir(cfg: TrainConfig) -> Path:
