@@ -26,7 +26,7 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
     return name, [a for k, v in overrides.items() for a in ("--" + k.replace("_", "-"), str(v))]
 
 
-def run_one(spec, labels, seed, out: Path, shared: list[str]) -> dict:
+def run_one(spec, labels, seed, out: Path, shared: list[str], threads: int) -> dict:
     name, flags = parse_spec(spec)
     run_dir = out / f"{spec}-{labels}-s{seed}"
     if (run_dir / "results.json").exists():
@@ -37,7 +37,8 @@ def run_one(spec, labels, seed, out: Path, shared: list[str]) -> dict:
         print(f"[run ] {run_dir.name}: {shlex.join(cmd[1:])}", flush=True)
         t0 = time.time()
         log = run_dir.with_suffix(".log"); run_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as f: rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        with open(log, "a") as f: rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         if rc: sys.exit(f"grid.py: {run_dir.name} failed (exit {rc}); see {log}. Re-run the same command to resume.")
         wall = time.time() - t0
         (run_dir / "wall.json").write_text(json.dumps({"wall_s": wall}))
@@ -108,14 +109,17 @@ def main(argv=None):
     p.add_argument("--labels", nargs="+", type=int, required=True)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", required=True)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time; each gets cpus/jobs threads (single-threaded runs do not fight over cores)")
     a = p.parse_args(own)
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     for spec in a.algorithms: parse_spec(spec)          # fail early on a typo
-    t0, rows = time.time(), []
-    for labels in a.labels:
-        for seed in a.seeds:
-            for spec in a.algorithms:
-                rows.append(run_one(spec, labels, seed, out, shared))
+    t0 = time.time()
+    threads = max(1, (os.cpu_count() or 1) // a.jobs)
+    grid = [(spec, labels, seed) for labels in a.labels for seed in a.seeds for spec in a.algorithms]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(a.jobs) as pool:
+        rows = list(pool.map(lambda g: run_one(*g, out, shared, threads), grid))
     summarize(rows, out, a.algorithms, [sys.argv[0], *argv], shared, time.time() - t0)
 
 

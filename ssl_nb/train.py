@@ -321,7 +321,7 @@ def prepare_data(cfg: TrainConfig) -> RunData:
     return RunData(train.subset(lb_idx), ulb, test, train.num_classes, train.in_chans, train.image_size[0],
                    tuple(train.mean), tuple(train.std))
 
-# %% ../nbs/05_train.ipynb #90870525
+# %% ../nbs/05_train.ipynb #c8d935ea
 _NO_BAD_STEP = 2**62
 
 class MetricLogger:
@@ -397,10 +397,10 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
     return [r for r in _parse_rows(p) if kind is None or r["kind"] == kind]
 
 def _progress(total, initial, enabled):
+    "A tqdm bar: smooth in a terminal, a line every 10 s in logs and in papermill's captured output."
     from tqdm.auto import tqdm
-    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules and "PAPERMILL_EXECUTION" not in os.environ
     return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step",
-                mininterval=0.5 if interactive else 30.0, desc="train")
+                mininterval=0.5 if sys.stderr.isatty() else 10.0, desc="train")
 
 # %% ../nbs/05_train.ipynb #69f71939
 _RESUME_FREE = {"run_dir", "resume", "device", "progress", "tensorboard", "num_workers", "eval_batch_size",
