@@ -10,7 +10,7 @@ import torch
 
 from ssl_nb import losses as _L
 
-from ._runtime import backend, triton_module
+from ._runtime import backend, module_for
 from .reference import gather_tokens_ref, masked_patch_mse_ref, patchify, scatter_tokens_ref
 
 __all__ = ["fixmatch_loss", "refixmatch_loss", "sequencematch_loss", "gather_tokens", "scatter_tokens",
@@ -22,14 +22,14 @@ def fixmatch_loss(logits_w: torch.Tensor, logits_s: torch.Tensor, threshold: flo
                   mask: torch.Tensor | None = None):
     "`ssl_nb.losses.fixmatch_loss`, fused in one Triton kernel on CUDA. Returns `(loss, mask)`."
     if backend(logits_s) == "torch": return _L.fixmatch_loss(logits_w, logits_s, threshold, mask)
-    return triton_module("_triton_losses", logits_s.device).fixmatch_loss(logits_w, logits_s, threshold, mask)
+    return module_for(logits_s, "_triton_losses").fixmatch_loss(logits_w, logits_s, threshold, mask)
 
 
 def refixmatch_loss(logits_w: torch.Tensor, logits_s: torch.Tensor, threshold: float = 0.95, T: float = 0.5,
                     mask: torch.Tensor | None = None):
     "`ssl_nb.losses.refixmatch_loss`, fused in one Triton kernel on CUDA. Returns `(loss, mask)`."
     if backend(logits_s) == "torch": return _L.refixmatch_loss(logits_w, logits_s, threshold, T, mask)
-    return triton_module("_triton_losses", logits_s.device).refixmatch_loss(logits_w, logits_s, threshold, T, mask)
+    return module_for(logits_s, "_triton_losses").refixmatch_loss(logits_w, logits_s, threshold, T, mask)
 
 
 def sequencematch_loss(logits_w: torch.Tensor, logits_m: torch.Tensor, logits_s: torch.Tensor,
@@ -38,7 +38,7 @@ def sequencematch_loss(logits_w: torch.Tensor, logits_m: torch.Tensor, logits_s:
     "`ssl_nb.losses.sequencematch_loss`, fused in one Triton kernel on CUDA. Returns `(loss, mask)`."
     if backend(logits_s) == "torch":
         return _L.sequencematch_loss(logits_w, logits_m, logits_s, threshold, T, mask, low_conf_kl)
-    return triton_module("_triton_losses", logits_s.device).sequencematch_loss(
+    return module_for(logits_s, "_triton_losses").sequencematch_loss(
         logits_w, logits_m, logits_s, threshold, T, mask, low_conf_kl)
 
 
@@ -51,7 +51,7 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         from ._validate import check_gather
         check_gather(x, ids)
         return gather_tokens_ref(x, ids)
-    return triton_module("_triton_tokens", x.device).gather_tokens(x, ids)
+    return module_for(x, "_triton_tokens").gather_tokens(x, ids)
 
 
 def scatter_tokens(tokens: torch.Tensor, ids: torch.Tensor, N: int, fill: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def scatter_tokens(tokens: torch.Tensor, ids: torch.Tensor, N: int, fill: torch.
         from ._validate import check_scatter
         check_scatter(tokens, ids, N, fill)
         return scatter_tokens_ref(tokens, ids, N, fill)
-    return triton_module("_triton_tokens", tokens.device).scatter_tokens(tokens, ids, N, fill)
+    return module_for(tokens, "_triton_tokens").scatter_tokens(tokens, ids, N, fill)
 
 
 def masked_patch_mse(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
@@ -74,4 +74,4 @@ def masked_patch_mse(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor,
         from ._validate import check_mae
         check_mae(pred, imgs, mask, patch_size)
         return masked_patch_mse_ref(pred, imgs, mask, patch_size, norm_pix)
-    return triton_module("_triton_mae", pred.device).masked_patch_mse(pred, imgs, mask, patch_size, norm_pix)
+    return module_for(pred, "_triton_mae").masked_patch_mse(pred, imgs, mask, patch_size, norm_pix)

@@ -102,10 +102,17 @@ def gpu_configs():
     for K in (49, 98):
         x = torch.empty(256, 196, 768, dtype=bf16)
         ids = torch.empty(256, K, dtype=torch.long)
-        TT.gather(x, ids); TT.scatter(x[:, :K], ids, 196, torch.empty(768)); TT.scatter(x[:, :K], ids, 196, None)
-        TT.fill_grad(x, ids)
-    x = torch.empty(256, 196, 512, dtype=bf16)                                      # MAE decoder width
-    TT.scatter(x[:, :49].contiguous(), torch.empty(256, 49, dtype=torch.int32), 196, torch.empty(512))
+        tok = torch.empty(256, K, 768, dtype=bf16)
+        inv = torch.empty(256, 196, dtype=torch.int32)
+        TT.gather(x, ids, write_inv=True)                                           # gather forward (+ inverse)
+        TT.gather(x, ids)                                                           # gather forward, no grad
+        TT.take(tok, inv, 196, inv=inv)                                             # gather backward
+        TT.take(tok, ids, 196, fill=torch.empty(1, 1, 768), write_inv=True)         # scatter forward (+ inverse)
+        TT.take(tok, ids, 196, fill=torch.empty(768, dtype=bf16))                   # scatter forward, no grad
+        TT.scatter_grads(x, ids, inv, True, True)                                   # scatter backward
+        TT.scatter_grads(x, ids, inv, False, True)
+    x = torch.empty(256, 49, 512, dtype=bf16)                                       # MAE decoder width, int32 ids
+    TT.take(x, torch.empty(256, 49, dtype=torch.int32), 196, fill=torch.empty(512), write_inv=True)
     for dt in (f32, bf16):
         TM.launch(torch.empty(256, 196, 768, dtype=dt), torch.empty(256, 3, 224, 224), torch.empty(256, 196), 16,
                   True, True)

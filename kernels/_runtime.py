@@ -57,6 +57,13 @@ def triton_module(name: str, device: torch.device):
     return mod
 
 
+def module_for(t: torch.Tensor, name: str):
+    "`triton_module(name, t.device)`, without the checks once the module is loaded and `t` is a CUDA tensor."
+    mod = _loaded.get(name)
+    if mod is not None and t.is_cuda: return mod
+    return triton_module(name, t.device)
+
+
 def is_interpreted(kernel) -> bool:
     "True when `kernel` and triton's own library functions (tl.max, tl.sum, ...) all run in the interpreter."
     import triton.language as tl

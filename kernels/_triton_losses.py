@@ -13,6 +13,7 @@ import triton.language as tl
 from ssl_nb.core import ConfigError
 from ssl_nb.losses import _check_logits
 
+from ._launch import Launcher
 from ._runtime import align, is_interpreted, cdiv, next_pow2
 
 NEG = tl.constexpr(-1.0e30)   # padding logit: exp(NEG - max) == 0, and NEG * 0 == 0 (no inf * 0 NaN)
@@ -195,6 +196,8 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
 
 
 INTERPRETED = is_interpreted(_consistency_kernel)
+F32 = torch.float32
+_grad_enabled = torch.is_grad_enabled
 
 
 # ---------------------------------------------------------------------------------------------------------- launch
@@ -213,78 +216,94 @@ def pick_config(R: int, C: int, interpret: bool = INTERPRETED) -> dict:
                 num_warps=4 if tile <= 1024 else (8 if tile <= 4096 else 16))
 
 
+class _Plan:
+    "Everything about a call that follows from its key: sizes, strides, grid, meta-parameters, the launcher."
+    __slots__ = ("R", "C", "grid", "launcher", "strides", "s_mask", "has_m", "write_grad", "buf", "inv_R", "dev",
+                 "dt_m", "dt_s", "part_shape")
+
+
 _PLANS: dict = {}
+MAX_PLANS = 512
 
 
-def _plan(R, C, sw, sm, ss, config):
-    "Grid and meta-parameters for one shape and layout (cached: the launch path runs every training step)."
-    key = (R, C, sw, sm, ss)
-    p = _PLANS.get(key) if config is None else None
-    if p is None:
-        cfg = dict(pick_config(R, C))
-        if config: cfg.update(config)
-        BR, BC, RT = cfg["BLOCK_R"], cfg["BLOCK_C"], cfg["ROW_TILES"]
-        contiguous_cols = sw[1] == sm[1] == ss[1] == 1
-        meta = dict(BLOCK_R=BR, BLOCK_C=BC, ROW_TILES=RT, ONE_BLOCK=C <= BC, num_warps=cfg["num_warps"],
-                    ALIGN=align(C, sw[0], sm[0], ss[0]) if contiguous_cols else 1)
-        p = (cdiv(R, BR * RT), meta)
-        if config is None:
-            if len(_PLANS) > 1024: _PLANS.clear()
-            _PLANS[key] = p
+def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config) -> _Plan:
+    "Grid, block sizes, ALIGN and the buffers' layout for one key (validated arguments)."
+    R, C = zs.shape
+    sw, ss = zw.stride(), zs.stride()
+    sm = zm.stride() if has_m else ss
+    cfg = dict(pick_config(R, C))
+    if config: cfg.update(config)
+    BR, BC, RT = cfg["BLOCK_R"], cfg["BLOCK_C"], cfg["ROW_TILES"]
+    contiguous_cols = sw[1] == sm[1] == ss[1] == 1
+    meta = dict(HAS_M=has_m, HAS_MASK=mask is not None, LOW_CONF=low_conf, NEED_TW=has_m or low_conf,
+                WRITE_GRAD=write_grad, BLOCK_R=BR, BLOCK_C=BC, ROW_TILES=RT, ONE_BLOCK=C <= BC,
+                ALIGN=align(C, sw[0], sm[0], ss[0]) if contiguous_cols else 1, num_warps=cfg["num_warps"])
+    p = _Plan()
+    p.R, p.C, p.grid = R, C, cdiv(R, BR * RT)
+    p.launcher = Launcher(_consistency_kernel, (p.grid,), meta)
+    p.strides = (sw[0], sw[1], sm[0], sm[1], ss[0], ss[1])
+    p.s_mask = mask.stride(0) if mask is not None else 0
+    p.has_m, p.write_grad, p.inv_R, p.dev = has_m, write_grad, 1.0 / R, zs.device
+    p.dt_s, p.dt_m = zs.dtype, (zm.dtype if has_m else None)
+    # gradients: one [2, R, C] buffer (medium, strong) when the dtypes agree, so that backward is one launch
+    p.buf = 0 if not write_grad else (1 if has_m and zm.dtype == zs.dtype else 2)
+    p.part_shape = (p.grid,) if p.grid > 1 else ()
     return p
 
 
-def launch(zw, zm, zs, mask, threshold, T, has_m, low_conf, write_grad, mask_out=None, config=None):
-    """Run the kernel. Returns (loss, mask, grad_m, grad_s, grad_buffer): the fp32 loss (0-dim, on device), the CE mask
-    (fp32 [R]), the gradients of the loss w.r.t. logits_m / logits_s for grad_output = 1 (None unless write_grad)."""
-    R, C = zs.shape
-    sw, ss = zw.stride(), zs.stride()
-    zm_ = zm if has_m else zs
-    sm = zm_.stride()
-    grid, meta = _plan(R, C, sw, sm, ss, config)
-    dev = zs.device
+def _execute(p: _Plan, zw, zm, zs, mask, threshold: float, inv_T: float):
+    """Allocate the outputs and launch. Returns (loss, mask, grad_m, grad_s, buffer): the fp32 loss (0-dim, on
+    device), the CE mask (fp32 [R]), the gradients for grad_output = 1 (None unless the plan writes them)."""
+    dev, R, C = p.dev, p.R, p.C
     buf = gm = gs = None
-    if write_grad:
-        if has_m and zm.dtype == zs.dtype:
-            buf = torch.empty((2, R, C), dtype=zs.dtype, device=dev)
-            gm, gs = buf[0], buf[1]
-        else:
-            gs = torch.empty((R, C), dtype=zs.dtype, device=dev)
-            if has_m: gm = torch.empty((R, C), dtype=zm.dtype, device=dev)
-    part = torch.empty(grid if grid > 1 else (), dtype=torch.float32, device=dev)
-    if mask is None and mask_out is None: mask_out = torch.empty(R, dtype=torch.float32, device=dev)
-    _consistency_kernel[(grid,)](
-        zw, zm_, zs, sw[0], sw[1], sm[0], sm[1], ss[0], ss[1],
-        mask if mask is not None else part, mask.stride(0) if mask is not None else 0,
-        gm if gm is not None else part, gs if gs is not None else part,
-        mask_out if mask is None else part, part,
-        R, C, threshold, 1.0 / T, 1.0 / R,
-        HAS_M=has_m, HAS_MASK=mask is not None, LOW_CONF=low_conf, NEED_TW=has_m or low_conf,
-        WRITE_GRAD=write_grad, **meta)
-    loss = part if grid == 1 else part.sum()
-    return loss, (mask if mask is not None else mask_out), gm, gs, buf
+    if p.buf == 1:
+        buf = torch.empty((2, R, C), dtype=p.dt_s, device=dev)
+        gm, gs = buf.unbind(0)
+    elif p.buf == 2:
+        gs = torch.empty((R, C), dtype=p.dt_s, device=dev)
+        if p.has_m: gm = torch.empty((R, C), dtype=p.dt_m, device=dev)
+    part = torch.empty(p.part_shape, dtype=F32, device=dev)
+    if mask is None:
+        mask = mask_out = torch.empty(R, dtype=F32, device=dev)
+        mask_in = part
+    else:
+        mask_in, mask_out = mask, part
+    p.launcher(zw, zm if p.has_m else zs, zs, *p.strides, mask_in, p.s_mask, part if gm is None else gm,
+               part if gs is None else gs, mask_out, part, R, C, threshold, inv_T, p.inv_R)
+    return (part if p.grid == 1 else part.sum()), mask, gm, gs, buf
+
+
+def launch(zw, zm, zs, mask, threshold, T, has_m, low_conf, write_grad, config=None):
+    "One uncached launch on validated arguments (used by `_aot`): (loss, mask, grad_m, grad_s, buffer)."
+    p = _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config)
+    return _execute(p, zw, zm, zs, mask, float(threshold), 1.0 / T)
 
 
 class _ConsistencyLoss(torch.autograd.Function):
-    "Forward runs the fused kernel (which also writes the gradients); backward scales them by grad_output."
+    """Carries the gradients the forward kernel wrote: backward scales them by grad_output in place (one launch for
+    both views). The kernel runs before `apply`; `st` = (loss, buffer, grad_m, grad_s). ctx keeps the gradients but
+    not the loss: the output held by its own grad_fn would be a reference cycle (freed only by the garbage collector,
+    e.g. never for a forward whose backward does not run)."""
 
     @staticmethod
-    def forward(ctx, zw, zm, zs, mask, mask_out, threshold, T, has_m, low_conf, config):
-        loss, _, gm, gs, buf = launch(zw, zm, zs, mask, threshold, T, has_m, low_conf, True, mask_out, config)
-        ctx.grads = (gm, gs, buf)
-        return loss
+    def forward(ctx, zm, zs, st):
+        ctx.st = st[1:]
+        return st[0]
 
     @staticmethod
     def backward(ctx, g):
-        gm, gs, buf = ctx.grads
-        ctx.grads = None
-        if buf is not None:                 # one launch for both views
-            out = buf * g
-            gm, gs = out[0], out[1]
+        st = ctx.st
+        if st is None:
+            raise RuntimeError("ssl_nb.kernels' fused losses support one backward pass per forward (their gradient "
+                               "buffer is scaled in place); recompute the loss instead of using retain_graph=True.")
+        ctx.st = None
+        buf, gm, gs = st
+        if buf is not None:
+            buf.mul_(g)
         else:
-            gs = gs * g
-            gm = gm * g if gm is not None else None
-        return None, gm, gs, None, None, None, None, None, None, None
+            gs.mul_(g)
+            if gm is not None: gm.mul_(g)
+        return gm, gs, None
 
 
 # ------------------------------------------------------------------------------------------------------ validation
@@ -297,26 +316,22 @@ def _number(name, v):
 
 def _validate(named: dict, threshold, T, mask):
     "Every check the kernel needs, before anything launches: shapes, dtypes, devices, scalars, the external mask."
-    ts = list(named.values())
-    z0 = ts[0]
-    fast = all(isinstance(t, torch.Tensor) for t in ts) and z0.dim() == 2 and all(
-        t.shape == z0.shape and t.dtype in DTYPES and t.device == z0.device for t in ts)
-    if not fast:                    # find the problem and say what it is
-        for k, v in named.items():
-            if not isinstance(v, torch.Tensor):
-                raise ConfigError(f"{k} must be a torch.Tensor; got {type(v).__name__}.")
-        _check_logits(**named)
-        for k, v in named.items():
-            if v.device != z0.device:
-                raise ConfigError(f"all logits must be on one device; {k} is on {v.device}, not {z0.device}.")
-            if v.dtype not in DTYPES:
-                raise ConfigError(f"{k} has dtype {v.dtype}; the Triton kernels take float32, bfloat16 or float16 "
-                                  f"logits (cast them, or set SSL_NB_KERNELS=torch).")
+    for k, v in named.items():
+        if not isinstance(v, torch.Tensor):
+            raise ConfigError(f"{k} must be a torch.Tensor; got {type(v).__name__}.")
+    _check_logits(**named)
+    z0 = next(iter(named.values()))
+    for k, v in named.items():
+        if v.device != z0.device:
+            raise ConfigError(f"all logits must be on one device; {k} is on {v.device}, not {z0.device}.")
+        if v.dtype not in DTYPES:
+            raise ConfigError(f"{k} has dtype {v.dtype}; the Triton kernels take float32, bfloat16 or float16 "
+                              f"logits (cast them, or set SSL_NB_KERNELS=torch).")
     R, C = z0.shape
     if R == 0 or C == 0: raise ConfigError(f"logits have shape {(R, C)}; the loss needs at least one row and class.")
-    threshold = threshold if type(threshold) is float else _number("threshold", threshold)
-    T = T if type(T) is float else _number("T", T)
-    if T <= 0: raise ConfigError(f"T must be > 0; got {T}.")
+    threshold = _number("threshold", threshold)
+    T = _number("T", T)
+    if not T > 0: raise ConfigError(f"T must be > 0; got {T}.")
     if mask is not None:
         if not isinstance(mask, torch.Tensor): raise ConfigError(f"mask must be a tensor; got {type(mask).__name__}.")
         if tuple(mask.shape) != (R,): raise ConfigError(f"mask must have shape {(R,)}; got {tuple(mask.shape)}.")
@@ -325,30 +340,49 @@ def _validate(named: dict, threshold, T, mask):
     return threshold, T, mask
 
 
-def _run(zw, zm, zs, threshold, T, mask, has_m, low_conf, config=None):
-    need_grad = torch.is_grad_enabled() and (zs.requires_grad or (has_m and zm.requires_grad))
-    if not need_grad:
-        loss, m, *_ = launch(zw.detach(), zm.detach() if has_m else None, zs.detach(), mask, threshold, T, has_m,
-                             low_conf, False, None, config)
-        return loss, m
-    mask_out = torch.empty(zs.shape[0], dtype=torch.float32, device=zs.device) if mask is None else None
-    loss = _ConsistencyLoss.apply(zw.detach(), zm if has_m else None, zs, mask, mask_out, threshold, T, has_m,
-                                  low_conf, config)
-    return loss, (mask if mask is not None else mask_out)
+def _tk(t):
+    "The part of a launcher key that one tensor contributes (all that triton specialises on, and validity)."
+    return t.shape, t.stride(), t.dtype, t.get_device(), t.data_ptr() & 15
+
+
+def _loss(has_m, low_conf, zw, zm, zs, threshold, T, mask, config):
+    """The hot path. A call whose key (shapes, strides, dtypes, devices, 16-byte alignment, flags) was validated
+    before skips validation and reuses its plan; anything unusual (non-float scalars, T <= 0, a mask that is not a
+    float32 tensor without grad, tensors that are not tensors) takes the checking path, which raises ConfigError."""
+    key = None
+    try:
+        if type(threshold) is float and type(T) is float and T > 0.0:
+            need_grad = (zs.requires_grad or (has_m and zm.requires_grad)) and _grad_enabled()
+            key = (has_m, low_conf, need_grad, _tk(zw), _tk(zs), _tk(zm) if has_m else None,
+                   None if mask is None else (_tk(mask) if mask.dtype is F32 and not mask.requires_grad else 0),
+                   None if config is None else tuple(config.items()))
+            if key[6] == 0: key = None
+    except AttributeError:          # not tensors: the checking path says what is wrong
+        key = None
+    p = _PLANS.get(key) if key is not None else None
+    if p is None:
+        named = dict(logits_w=zw, logits_m=zm, logits_s=zs) if has_m else dict(logits_w=zw, logits_s=zs)
+        threshold, T, mask = _validate(named, threshold, T, mask)
+        need_grad = (zs.requires_grad or (has_m and zm.requires_grad)) and _grad_enabled()
+        p = _make_plan(zw, zm, zs, mask, has_m, low_conf, need_grad, config)
+        if key is not None:
+            if len(_PLANS) >= MAX_PLANS: _PLANS.clear()
+            _PLANS[key] = p
+    loss, mask, gm, gs, buf = _execute(p, zw, zm, zs, mask, threshold, 1.0 / T)
+    if p.write_grad:
+        loss = _ConsistencyLoss.apply(zm if has_m else None, zs, (loss, buf, gm, gs))
+    return loss, mask
 
 
 # ----------------------------------------------------------------------------------------------------------- API
 def fixmatch_loss(logits_w, logits_s, threshold=0.95, mask=None, *, _config=None):
-    threshold, _, mask = _validate(dict(logits_w=logits_w, logits_s=logits_s), threshold, 1.0, mask)
-    return _run(logits_w, None, logits_s, threshold, 1.0, mask, False, False, _config)
+    return _loss(False, False, logits_w, None, logits_s, threshold, 1.0, mask, _config)
 
 
 def refixmatch_loss(logits_w, logits_s, threshold=0.95, T=0.5, mask=None, *, _config=None):
-    threshold, T, mask = _validate(dict(logits_w=logits_w, logits_s=logits_s), threshold, T, mask)
-    return _run(logits_w, None, logits_s, threshold, T, mask, False, True, _config)
+    return _loss(False, True, logits_w, None, logits_s, threshold, T, mask, _config)
 
 
 def sequencematch_loss(logits_w, logits_m, logits_s, threshold=0.95, T=0.5, mask=None, low_conf_kl=False, *,
                        _config=None):
-    threshold, T, mask = _validate(dict(logits_w=logits_w, logits_m=logits_m, logits_s=logits_s), threshold, T, mask)
-    return _run(logits_w, logits_m, logits_s, threshold, T, mask, True, bool(low_conf_kl), _config)
+    return _loss(True, bool(low_conf_kl), logits_w, logits_m, logits_s, threshold, T, mask, _config)

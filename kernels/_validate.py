@@ -42,11 +42,17 @@ def _ids(ids, B, K, N, distinct):
     if ids.dtype not in (torch.int32, torch.int64):
         raise ConfigError(f"ids must be int32 or int64; got {ids.dtype}.")
     if ids.shape[0] != B: raise ConfigError(f"ids must have {B} rows (one per sample); got shape {tuple(ids.shape)}.")
-    if ids.device.type == "cpu" and ids.numel():          # free on the CPU; on CUDA it would be a host sync
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= N: raise ConfigError(f"ids must lie in [0, {N}); got values in [{lo}, {hi}].")
-        if distinct and K > 1 and bool((ids.sort(dim=1).values.diff(dim=1) == 0).any()):
-            raise ConfigError("ids must hold distinct indices within each row (as MAE's keep-ids do).")
+    if ids.device.type == "cpu": check_ids_values(ids, N, distinct)
+
+
+def check_ids_values(ids, N, distinct):
+    """ids within [0, N) and (distinct) no repeat within a row. CPU tensors only: free there, a host sync on CUDA.
+    Runs on every call with CPU ids (the values change from call to call; shapes are checked once per key)."""
+    if not ids.numel(): return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= N: raise ConfigError(f"ids must lie in [0, {N}); got values in [{lo}, {hi}].")
+    if distinct and ids.shape[1] > 1 and bool((ids.sort(dim=1).values.diff(dim=1) == 0).any()):
+        raise ConfigError("ids must hold distinct indices within each row (as MAE's keep-ids do).")
 
 
 def check_gather(x, ids, distinct=False):

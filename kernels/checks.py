@@ -82,6 +82,9 @@ def logits(R_, C, dtype, device, seed, boost=12.0, layout="contiguous"):
         big = torch.zeros(R_, C + 7, dtype=dtype); big[:, :C] = z; z = big.to(device)[:, :C]
     elif layout == "transposed":
         z = z.t().contiguous().to(device).t()
+    elif layout == "offset":     # contiguous, but 4 bytes past a 16-byte boundary (another launcher key)
+        big = torch.zeros(R_ * C + 8, dtype=dtype, device=device); big[1:1 + R_ * C] = z.reshape(-1).to(device)
+        z = big[1:1 + R_ * C].view(R_, C)
     else:
         z = z.to(device)
     return z
@@ -145,6 +148,8 @@ def check_tokens(B, N, K, D, dtype, itype, device, config=None, layout="contiguo
     x = torch.randn(B, N, D, generator=g).to(dtype)
     if layout == "noncontig":              # [B, N, D] view of a wider tensor, and a batch-strided view
         big = torch.zeros(B, N, D + 8, dtype=dtype); big[..., :D] = x; x = big.to(device)[..., :D]
+    elif layout == "offset":               # contiguous, one element past a 16-byte boundary (another launcher key)
+        big = torch.zeros(B * N * D + 1, dtype=dtype); big[1:] = x.reshape(-1); x = big.to(device)[1:].view(B, N, D)
     else:
         x = x.to(device)
     ids = _ids(B, N, K, itype, device, seed + 1)
@@ -155,7 +160,7 @@ def check_tokens(B, N, K, D, dtype, itype, device, config=None, layout="contiguo
     if layout == "noncontig": gsc = gsc.transpose(0, 1).contiguous().transpose(0, 1)   # strided grad_output
     res = []
     for impl in ("ref", "triton"):
-        xi = x.detach().clone().requires_grad_() if layout != "noncontig" else x.detach().requires_grad_()
+        xi = x.detach().clone().requires_grad_() if layout == "contiguous" else x.detach().requires_grad_()
         ti, fi = tok.detach().clone().requires_grad_(), fill.detach().clone().requires_grad_()
         if impl == "ref":
             o1 = R.gather_tokens_ref(xi, ids); o2 = R.scatter_tokens_ref(ti, ids, N, fi)
@@ -174,6 +179,134 @@ def check_tokens(B, N, K, D, dtype, itype, device, config=None, layout="contiguo
          compare("grad_tokens", a4, b4, 0, 0), compare("grad_fill", a5, b5, **ftol)]
     shapes_ok = a5.shape == fill.shape and a5.dtype == fill.dtype and a3.dtype == dtype
     return all(x[0] for x in r) and shapes_ok, "; ".join(x[1] for x in r) + ("" if shapes_ok else " BAD dtype/shape")
+
+
+def _ref_inverse(ids, N):
+    "inv[b, n] = k where ids[b, k] == n, else -1 (int32 [B, N]), on the CPU."
+    ids = ids.long().cpu()
+    B, K = ids.shape
+    return torch.full((B, N), -1, dtype=torch.int32).scatter_(1, ids, torch.arange(K, dtype=torch.int32).expand(B, K))
+
+
+def check_tokens_modes(B, N, K, D, dtype, itype, device, config=None, seed=0):
+    """The inverse index itself (written by the gather forward and by the scatter forward), and the paths the main
+    token case does not take: no gradient at all, a gradient to the tokens only, to the fill token only (grad_output
+    != 1 everywhere); an fp32 [D] fill with bf16 tokens."""
+    TT = triton_module("_triton_tokens", torch.device(device))
+    g = _gen(seed)
+    x = torch.randn(B, N, D, generator=g).to(dtype).to(device)
+    ids = _ids(B, N, K, itype, device, seed + 1)
+    tok = torch.randn(B, K, D, generator=g).to(dtype).to(device)
+    fill = torch.randn(D, generator=g).to(device)
+    gsc = (3 * torch.randn(B, N, D, generator=g)).to(dtype).to(device)
+    want_inv = _ref_inverse(ids, N)
+    r = [compare("inv(gather)", TT.gather(x, ids, write_inv=True, config=config)[1], want_inv, 0, 0),
+         compare("inv(scatter)", TT.take(tok, ids, N, fill=fill, write_inv=True, config=config)[1], want_inv, 0, 0)]
+    with torch.no_grad():
+        r.append(compare("gather nograd", TT.gather_tokens(x, ids, _config=config), R.gather_tokens_ref(x, ids), 0, 0))
+        r.append(compare("scatter nograd", TT.scatter_tokens(tok, ids, N, fill, _config=config),   # fill cast
+                         R.scatter_tokens_ref(tok, ids, N, fill), **TOL[dtype]))
+    out = {}
+    for impl in ("ref", "triton"):
+        f = R.scatter_tokens_ref if impl == "ref" else (lambda *a: TT.scatter_tokens(*a, _config=config))
+        ti = tok.detach().clone().requires_grad_()
+        gt, = torch.autograd.grad(f(ti, ids, N, fill), ti, gsc)                      # tokens only
+        fi = fill.detach().clone().requires_grad_()
+        gf, = torch.autograd.grad(f(tok, ids, N, fi), fi, gsc)                       # fill only
+        out[impl] = (gt, gf)
+    ftol = dict(atol=1e-8, rtol=1e-6, ascale=1e-6) if dtype == torch.float32 else dict(atol=1e-6, rtol=1e-2,
+                                                                                       ascale=2 ** -7)
+    r += [compare("grad_tokens only", out["triton"][0], out["ref"][0], 0, 0),
+          compare("grad_fill only", out["triton"][1], out["ref"][1], **ftol)]
+    return all(x[0] for x in r), "; ".join(x[1] for x in r)
+
+
+def _fast_calls(mod) -> int:
+    "Launches that took the direct (cached C launcher) path in one of the Triton modules."
+    n = 0
+    for v in list(getattr(mod, "_PLANS", {}).values()) + list(getattr(mod, "_CACHE", {}).values()):
+        for L in ([v.launcher] if hasattr(v, "launcher") else [e for e in v if hasattr(e, "fast_calls")]):
+            n += L.fast_calls
+    return n
+
+
+def check_repeat(device, what):
+    """The same calls again and again with new values (the cached plan; on a GPU, the direct launch path after the
+    first launch), then views 4 bytes / 1 element off a 16-byte boundary (another key), against the reference each
+    time. On CUDA, also that the direct launch path was taken."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    res = []
+    if what == "losses":
+        mod = triton_module("_triton_losses", torch.device(device))
+        for i in range(3):
+            for kind in ("fixmatch", "refixmatch", "sequencematch"):
+                res.append(check_loss(kind, 448, 10, f32, device, seed=100 + i))
+            res.append(check_loss("sequencematch", 96, 13, f32, device, mask_mode="external", seed=110 + i))
+            res.append(check_loss("sequencematch", 64, 1000, bf16, device, seed=120 + i))
+        for i in range(2):
+            res.append(check_loss("sequencematch", 448, 10, f32, device, layout="offset", seed=130 + i))
+            res.append(check_loss("fixmatch", 448, 10, f32, device, seed=140 + i))
+    else:
+        mod = triton_module("_triton_tokens", torch.device(device))
+        shape = (4, 196, 49, 768) if device == "cuda" else (2, 37, 11, 100)
+        for i in range(3):
+            res.append(check_tokens(*shape, bf16, torch.int64, device, seed=200 + i))
+        for i in range(2):
+            res.append(check_tokens(*shape, bf16, torch.int64, device, layout="offset", seed=210 + i))
+            res.append(check_tokens(*shape, bf16, torch.int64, device, seed=220 + i))
+    ok = all(r[0] for r in res)
+    n_fast = _fast_calls(mod)
+    msg = f"{sum(r[0] for r in res)}/{len(res)} calls match; direct launches: {n_fast}"
+    if device == "cuda":
+        from ._launch import ENABLED
+        if ENABLED and n_fast == 0:
+            ok, msg = False, msg + " (expected > 0: the direct launch path was never taken)"
+    bad = [r[1] for r in res if not r[0]]
+    return ok, msg + (f"; first failure: {bad[0]}" if bad else "")
+
+
+def check_no_cycles(device):
+    """A forward whose backward never runs (evaluation with grad enabled, the benchmark's forward rows) frees its
+    output, graph node and gradient buffers as soon as they go out of scope: no reference cycle through ctx."""
+    import gc
+    import weakref
+    TLm = triton_module("_triton_losses", torch.device(device))
+    TT = triton_module("_triton_tokens", torch.device(device))
+    zw, zm, zs = (logits(64, 10, torch.float32, device, s) for s in range(3))
+    zm.requires_grad_(); zs.requires_grad_()
+    x = torch.randn(2, 9, 8, device=device, requires_grad=True)
+    ids = torch.tensor([[0, 3], [4, 1]], device=device)
+    tok = torch.randn(2, 2, 8, device=device, requires_grad=True)
+    fill = torch.zeros(8, device=device, requires_grad=True)
+    calls = {"sequencematch": lambda: TLm.sequencematch_loss(zw, zm, zs)[0],
+             "fixmatch": lambda: TLm.fixmatch_loss(zw, zs)[0],
+             "gather": lambda: TT.gather_tokens(x, ids), "scatter": lambda: TT.scatter_tokens(tok, ids, 9, fill)}
+    kept = []
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for name, f in calls.items():
+            t = f()
+            refs = [weakref.ref(t), weakref.ref(t.grad_fn)]
+            del t
+            if any(r() is not None for r in refs): kept.append(name)
+    finally:
+        if enabled: gc.enable()
+    return not kept, f"kept alive by a cycle: {kept}" if kept else "all freed without the garbage collector"
+
+
+def check_double_backward(device):
+    "A second backward through a fused loss (retain_graph=True) raises a clear RuntimeError (in-place gradients)."
+    TLm = triton_module("_triton_losses", torch.device(device))
+    zw, zm, zs = (logits(32, 10, torch.float32, device, s) for s in range(3))
+    zm.requires_grad_(); zs.requires_grad_()
+    loss, _ = TLm.sequencematch_loss(zw, zm, zs)
+    loss.backward(retain_graph=True)
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        return "one backward pass" in str(e), f"RuntimeError: {str(e)[:80]}"
+    return False, "no error"
 
 
 # --------------------------------------------------------------------------------------------------------------- MAE
@@ -208,6 +341,10 @@ def check_errors(device):
     z = torch.randn(8, 10, device=dev)
     x = torch.randn(2, 16, 8, device=dev)
     ids = torch.zeros(2, 4, dtype=torch.long, device=dev)
+    ok_ids = torch.arange(4, device=dev).expand(2, 4)
+    # warm the caches with valid calls of the same shapes: the errors below must still be raised on a cache hit
+    TLm.fixmatch_loss(z, z); TLm.refixmatch_loss(z, z); TLm.sequencematch_loss(z, z, z)
+    TT.gather_tokens(x, ok_ids); TT.scatter_tokens(x[:, :4], ok_ids, 16, torch.zeros(8, device=dev))
     bad = {
         "1-d logits": lambda: TLm.fixmatch_loss(z[0], z[0]),
         "shape mismatch": lambda: TLm.sequencematch_loss(z, z, z[:, :9]),
@@ -235,6 +372,10 @@ def check_errors(device):
     if dev.type == "cpu":    # value checks that would cost a host sync on a GPU run on CPU tensors only
         bad["ids range"] = lambda: TT.gather_tokens(x, ids + 16)
         bad["duplicate ids"] = lambda: TT.scatter_tokens(x[:, :4], ids, 16, torch.zeros(8, device=dev))
+        bad["ids range, cached key"] = lambda: TT.gather_tokens(x, ok_ids + 13)
+        bad["duplicate ids, cached key"] = lambda: TT.gather_tokens(x, ok_ids * 0)
+        bad["scatter ids range, cached key"] = lambda: TT.scatter_tokens(x[:, :4], ok_ids + 13, 16,
+                                                                         torch.zeros(8, device=dev))
     missed = []
     for name, f in bad.items():
         try:
@@ -318,6 +459,19 @@ def cases(device: str) -> dict:
         "tokens_noncontig": lambda: check_tokens(2, 196, 98, 96, f32, torch.int64, dev, layout="noncontig", seed=3),
         "tokens_gpucfg": lambda: check_tokens(2, 20, 5, 64, bf16, torch.int64, dev, seed=4,
                                               config=_tok_gpu_cfg(64, 2) if dev == "cpu" else None),
+        # the inverse index on ragged sizes: several [BLOCK_N, BLOCK_K] tiles (GPU configuration: 32 x 64), N and K
+        # not multiples of them, D not a power of 2; int32 and int64 ids; bf16 and fp32
+        "tokens_modes_ragged_gpucfg_i32_bf16": lambda: check_tokens_modes(
+            2, 150, 100, 96, bf16, torch.int32, dev, seed=6, config=_tok_gpu_cfg(96, 2) if dev == "cpu" else None),
+        "tokens_modes_i64_f32": lambda: check_tokens_modes(3, 37, 11, 40, f32, torch.int64, dev, seed=7),
+        "tokens_ragged_gpucfg_i64": lambda: check_tokens(2, 150, 100, 96, f32, torch.int64, dev, seed=8,
+                                                         config=_tok_gpu_cfg(96, 4) if dev == "cpu" else None),
+        "tokens_offset_bf16": lambda: check_tokens(2, 37, 11, 100, bf16, torch.int32, dev, layout="offset", seed=9),
+        "repeat_losses": lambda: check_repeat(dev, "losses"),
+        "repeat_tokens": lambda: check_repeat(dev, "tokens"),
+        "seq_double_backward": lambda: check_double_backward(dev),
+        "no_ref_cycles": lambda: check_no_cycles(dev),
+        "seq_offset": lambda: check_loss("sequencematch", 100, 13, f32, dev, layout="offset", seed=19),
         "mae_224_p16_f32": lambda: check_mae(2, 3, 224, 224, 16, f32, dev),
         "mae_nonorm_bf16": lambda: check_mae(3, 3, 32, 48, 8, bf16, dev, norm_pix=False, seed=1),
         "mae_channels_last_boolmask": lambda: check_mae(2, 3, 64, 64, 16, f32, dev, layout="channels_last",

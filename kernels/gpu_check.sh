@@ -43,7 +43,7 @@ head -n 12 "$OUT/nvidia-smi.txt"
 
 # ---- 1. correctness (compiled Triton vs reference on the GPU)
 say "correctness checks (python -m ssl_nb.kernels.checks --device cuda)"
-timeout 150 "$PY" -m ssl_nb.kernels.checks --device cuda --out "$OUT" 2>&1 | tee "$OUT/checks.log"
+timeout 200 "$PY" -m ssl_nb.kernels.checks --device cuda --out "$OUT" 2>&1 | tee "$OUT/checks.log"
 CHECKS=${PIPESTATUS[0]}
 say "checks exit status $CHECKS ($(grep -c '^PASS' "$OUT/checks.log") passed, $(grep -c '^FAIL' "$OUT/checks.log") failed)"
 grep '^FAIL' "$OUT/checks.log" | cut -c1-400

@@ -109,3 +109,84 @@ def test_compiles_for_sm90():
                        env={**os.environ, "TRITON_INTERPRET": "0"})
     lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
     assert p.returncode == 0 and lines, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+# The direct launch path (`_launch.Launcher`) checked on the CPU: triton's compiled-mode launch path runs for real
+# (binder, specialisation, cache key) on a fake driver (`ssl_nb.kernels.hostprof`) whose "compiled kernel" is named by
+# its cache key; every launch, through triton or direct, must pass exactly the arguments triton's binder produces for
+# the call, to the kernel triton would pick for them (same specialisation: dtypes, 16-byte alignment, ints equal to 1
+# or multiples of 16).
+FAST_LAUNCH_SCRIPT = r'''
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+import torch, triton
+from triton.runtime.jit import compute_cache_key
+from triton import knobs
+from ssl_nb.kernels.hostprof import install_fake_driver
+LOG = []
+install_fake_driver(record=LOG)
+import ssl_nb.kernels._launch as LA
+STATS = {"triton": 0, "direct": 0}
+
+def expected(launcher, args):
+    k = launcher.kernel
+    kw = dict(launcher.meta)
+    kw["debug"] = k.debug or knobs.runtime.debug
+    kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    _, kkc, _, _, binder = k.device_caches[0]
+    bound, spec, options = binder(*args, **kw)
+    return compute_cache_key(kkc, spec, options), tuple(bound.values())
+
+orig_call = LA.Launcher.__call__
+def call(self, *args):
+    n = len(LOG)
+    orig_call(self, *args)
+    assert len(LOG) == n + 1, "one launch per call"
+    kind, function, passed, grid, stream, extra = LOG[-1]
+    key, bound = expected(self, args)
+    name = self.kernel.__name__
+    assert function == key, f"{kind} launch of {name}: the cached kernel's specialisation differs from this call's"
+    assert len(passed) == len(bound), f"{kind} launch of {name}: {len(passed)} arguments, triton passes {len(bound)}"
+    for i, (a, b) in enumerate(zip(passed, bound)):
+        assert a is b or (type(a) is type(b) and a == b), f"{kind} launch of {name}: argument {i}: {a!r} != {b!r}"
+    assert grid == tuple(self.grid) + (1,) * (3 - len(self.grid)) and stream == 1234, (grid, stream)
+    if kind == "direct":
+        assert extra == (False, False, None, None, (4, 1, 0), None, None, None), extra
+    STATS[kind] += 1
+LA.Launcher.__call__ = call
+
+from ssl_nb.kernels import _triton_losses as TL, _triton_tokens as TT
+f32, bf16 = torch.float32, torch.bfloat16
+def z(R, C, dt, off=0, grad=False):
+    t = torch.randn(R * C + off, dtype=dt)[off:].view(R, C)
+    return t.requires_grad_() if grad else t
+for rep in range(2):
+    for (R, C, dt) in ((448, 10, f32), (64, 1000, bf16), (3, 1, f32), (16, 16, f32)):
+        for off in (0, 1):
+            zw, zm, zs = z(R, C, dt, off), z(R, C, dt, 0, True), z(R, C, dt, off, True)
+            TL.fixmatch_loss(zw, zs)[0].backward()
+            TL.refixmatch_loss(zw, zs)[0].backward()
+            TL.sequencematch_loss(zw, zm, zs)[0].backward()
+            TL.sequencematch_loss(zw, zm, zs, mask=torch.rand(R + off)[off:], low_conf_kl=True)[0].backward()
+            with torch.no_grad(): TL.sequencematch_loss(zw, zm, zs)
+    for (B, N, K, D, dt, it) in ((4, 196, 49, 768, bf16, torch.int64), (2, 37, 11, 100, f32, torch.int32)):
+        for off in (0, 1):
+            x = torch.randn(B * N * D + off, dtype=dt)[off:].view(B, N, D).requires_grad_()
+            ids = torch.argsort(torch.rand(B, N), 1)[:, :K].to(it)
+            ids = torch.cat([torch.zeros(off, dtype=it), ids.reshape(-1)])[off:].view(B, K)
+            torch.autograd.grad(TT.gather_tokens(x, ids), x, torch.randn(B, K, D, dtype=dt))
+            tok = torch.randn(B, K, D, dtype=dt, requires_grad=True)
+            fill = torch.randn(1, 1, D, requires_grad=True)
+            torch.autograd.grad(TT.scatter_tokens(tok, ids, N, fill), [tok, fill], torch.randn(B, N, D, dtype=dt))
+            torch.autograd.grad(TT.scatter_tokens(tok, ids, N, fill.detach()), [tok], torch.randn(B, N, D, dtype=dt))
+            with torch.no_grad(): TT.gather_tokens(x, ids); TT.scatter_tokens(tok, ids, N, fill)
+assert STATS["direct"] > 0 and STATS["triton"] > 0, STATS
+# every specialisation was launched through triton once, then directly
+assert STATS["direct"] >= STATS["triton"], STATS
+print("OK", STATS)
+'''
+
+
+def test_fast_launch_args():
+    p = _py(FAST_LAUNCH_SCRIPT, TRITON_INTERPRET="0")
+    assert p.returncode == 0 and p.stdout.startswith("OK"), p.stdout[-3000:] + p.stderr[-3000:]

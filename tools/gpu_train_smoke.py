@@ -14,14 +14,22 @@ out.mkdir(parents=True, exist_ok=True)
 import torch
 from ssl_nb.train import make_config, fit, read_metrics
 
+def warm_up():
+    "One short throwaway fit first, so that CUDA/cuDNN initialisation is not charged to the first measured run."
+    cfg = make_config("fixmatch", net="wrn_28_2", batch_size=64, uratio=7, num_iters=20, eval_every=20, ckpt_every=20,
+                      log_every=10, run_dir="/tmp/ssl_nb_smoke/warmup", data_root=data_root, device=device,
+                      progress=False, tensorboard=False, eval_limit=512)
+    fit(cfg)
+
+warm_up()
 rows = []
-for algo in ("fixmatch", "sequencematch"):
-    for backend in ("triton", "torch"):
+for algo, order in (("fixmatch", ("torch", "triton")), ("sequencematch", ("triton", "torch"))):
+    for backend in order:
         os.environ["SSL_NB_KERNELS"] = "auto" if backend == "triton" else "torch"
         run_dir = Path("/tmp/ssl_nb_smoke") / f"{algo}-{backend}"
         cfg = make_config(algo, net="wrn_28_2", batch_size=64, uratio=7, num_iters=steps, eval_every=steps,
                           ckpt_every=steps, log_every=steps // 3, run_dir=str(run_dir), data_root=data_root,
-                          device=device, progress=False, tensorboard=False)
+                          device=device, progress=False, tensorboard=False, eval_limit=2000)
         t0 = time.time()
         try:
             res = fit(cfg)
