@@ -109,6 +109,8 @@ def main(argv=None):
     p.add_argument("--labels", nargs="+", type=int, required=True)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", required=True)
+    p.add_argument("--summarize-only", action="store_true",
+                   help="tabulate the runs that have finished so far, start nothing")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time; each gets cpus/jobs threads (single-threaded runs do not fight over cores)")
     a = p.parse_args(own)
@@ -117,6 +119,12 @@ def main(argv=None):
     t0 = time.time()
     threads = max(1, (os.cpu_count() or 1) // a.jobs)
     grid = [(spec, labels, seed) for labels in a.labels for seed in a.seeds for spec in a.algorithms]
+    if a.summarize_only:
+        done = [g for g in grid if (out / f"{g[0]}-{g[1]}-s{g[2]}" / "results.json").exists()]
+        print(f"{len(done)} of {len(grid)} runs finished")
+        if not done: return
+        return summarize([collect(out / f"{s}-{l}-s{r}", s) for s, l, r in done], out, a.algorithms,
+                         [sys.argv[0], *argv], shared, 0.0)
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(a.jobs) as pool:
         rows = list(pool.map(lambda g: run_one(*g, out, shared, threads), grid))
