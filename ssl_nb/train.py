@@ -266,7 +266,7 @@ class EMA:
         torch._foreach_lerp_(ema_p, p, 1.0 - self.decay_at(step))
         torch._foreach_copy_(list(self.module.buffers()), list(src.buffers()))
 
-# %% ../nbs/05_train.ipynb #62a24d3d
+# %% ../nbs/05_train.ipynb #4ad1d156
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     "ECE with `n_bins` equal-width bins over the max-probability confidence."
     conf, pred = probs.float().max(-1)
@@ -283,17 +283,19 @@ def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: in
     return hit / n.clamp_min(1)
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, view, num_classes: int,
-             batch_size: int = 512, device=None, amp: bool = True) -> dict:
-    "Top-1, per-class accuracy, ECE and probabilities of `model` on (uint8 `images`, `labels`)."
+def evaluate(model: nn.Module, ds, view, num_classes: int, batch_size: int = 512, device=None, amp: bool = True,
+             num_workers: int = 0) -> dict:
+    "Top-1, per-class accuracy, ECE and probabilities of `model` on an `ImageDataset` (in memory or file-backed)."
     device = device or next(model.parameters()).device
+    batches = (torch.utils.data.DataLoader(ds.images, batch_size=batch_size, num_workers=num_workers,
+                                           pin_memory=device.type == "cuda")
+               if ds.is_lazy else ds.images.split(batch_size))
     was_training = model.training; model.eval()
     probs = []
-    for i in range(0, len(labels), batch_size):
-        x = view(images[i:i + batch_size].to(device, non_blocking=True), None)
-        with autocast(device, amp): probs.append(model(x).float().softmax(-1))
+    for x in batches:
+        with autocast(device, amp): probs.append(model(view(x.to(device, non_blocking=True), None)).float().softmax(-1))
     model.train(was_training)
-    probs = torch.cat(probs).cpu(); labels = labels.cpu()
+    probs = torch.cat(probs).cpu(); labels = ds.targets.cpu()
     pred = probs.argmax(-1)
     return {"top1": float((pred == labels).float().mean()), "per_class": per_class_accuracy(pred, labels, num_classes),
             "ece": expected_calibration_error(probs, labels), "probs": probs, "labels": labels}
@@ -443,7 +445,7 @@ def _finite(*modules) -> bool:
     if is_dist(): torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     return bool(ok)
 
-# %% ../nbs/05_train.ipynb #2d911f0a
+# %% ../nbs/05_train.ipynb #70df4b62
 @dataclass
 class FitResult:
     "What a run produced (also written to run_dir/results.json)."
@@ -534,13 +536,10 @@ def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
         (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "views": {k: v.describe() for k, v in views.items()},
                                                          "world_size": denv.world_size, "device": str(device),
                                                          "eval_images": len(data.test)}, indent=1))
-    test_images = data.test.images if torch.is_tensor(data.test.images) else None
 
     def run_eval(step):
-        if test_images is None: ev = _evaluate_lazy(ema.module, data.test, views["eval"], data.num_classes, cfg, device)
-        else: ev = evaluate(ema.module, test_images, data.test.targets, views["eval"], data.num_classes,
-                            cfg.eval_batch_size, device, cfg.amp)
-        return ev
+        return evaluate(ema.module, data.test, views["eval"], data.num_classes, cfg.eval_batch_size, device, cfg.amp,
+                        cfg.num_workers)
 
     def check_weights(step):
         if not _finite(unwrap(model), ema.module):
@@ -637,16 +636,3 @@ def _resume_path(cfg, run_dir) -> Path | None:
         return None
     if cfg.resume is True: return last if last.exists() else None
     return Path(cfg.resume)
-
-@torch.no_grad()
-def _evaluate_lazy(model, ds, view, num_classes, cfg, device):
-    "Evaluation over a file-backed dataset through DataLoader workers."
-    loader = torch.utils.data.DataLoader(ds.images, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
-                                         pin_memory=device.type == "cuda")
-    model.eval(); probs = []
-    for x in loader:
-        with autocast(device, cfg.amp): probs.append(model(view(x.to(device, non_blocking=True), None)).float().softmax(-1))
-    model.train()
-    probs = torch.cat(probs).cpu(); labels = ds.targets.cpu(); pred = probs.argmax(-1)
-    return {"top1": float((pred == labels).float().mean()), "per_class": per_class_accuracy(pred, labels, num_classes),
-            "ece": expected_calibration_error(probs, labels), "probs": probs, "labels": labels}

@@ -380,3 +380,31 @@ def _import_path():
     yield
     sys.path.remove(str(ROOT / "tests"))
     ALGORITHMS._items.pop("fixmatch_probe", None)
+
+
+def test_evaluate_file_backed_equals_in_memory(tmp_path):
+    "evaluate() gives the same metrics on an ImageFolder dataset (DataLoader path) and on the same images in memory."
+    import numpy as np
+    from PIL import Image
+    from ssl_nb.augment import make_views
+    from ssl_nb.data import ImageDataset, load_dataset
+    from ssl_nb.models import create
+    from ssl_nb.train import evaluate
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b", "c"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    lazy = load_dataset("imagenet", "test", tmp_path, image_size=32)
+    assert lazy.is_lazy and len(lazy) == 9
+    mem = ImageDataset(torch.stack([lazy.images[i] for i in range(len(lazy))]), lazy.targets, lazy.classes,
+                       lazy.mean, lazy.std, "mem")
+    view = make_views(lazy.mean, lazy.std, 32)["eval"]
+    torch.manual_seed(0)
+    model = create("wrn_10_2", 3)
+    a = evaluate(model, lazy, view, 3, batch_size=4, num_workers=0)
+    b = evaluate(model, mem, view, 3, batch_size=4)
+    assert a["top1"] == b["top1"] and a["ece"] == b["ece"]
+    torch.testing.assert_close(a["probs"], b["probs"])
+    assert torch.equal(a["per_class"], b["per_class"])
