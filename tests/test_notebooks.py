@@ -16,7 +16,8 @@ def papermill(nb, out, timeout, **params):
 
 
 NOTEBOOKS = {"fixmatch.ipynb": ("supervised", "fixmatch"), "flexmatch.ipynb": ("fixmatch", "flexmatch"),
-             "refixmatch.ipynb": ("refixmatch", "supervised"), "sequencematch.ipynb": ("sequencematch", "supervised")}
+             "refixmatch.ipynb": ("refixmatch", "supervised"), "sequencematch.ipynb": ("sequencematch", "supervised"),
+             "simmatch.ipynb": ("simmatch",), "comatch.ipynb": ("comatch",), "epass.ipynb": ("simmatch", "simmatch+epass")}
 
 
 @pytest.mark.timeout(600)
@@ -38,8 +39,8 @@ def test_method_notebook_runs_end_to_end(tmp_path, name):
         assert f"{k} = {v!r}" in src or f'{k} = "{v}"' in src, (k, src)
     for algo in NOTEBOOKS[name]:
         res = json.loads((run_dir / algo / "results.json").read_text())
-        assert (res["algorithm"], res["steps"]) == (algo, 4)
+        assert (res["algorithm"], res["steps"]) == (algo.split("+")[0], 4)
         assert 0 <= res["last_top1"] <= 1 and res["best_step"] in (2, 4)
         assert [r["step"] for r in map(json.loads, (run_dir / algo / "metrics.jsonl").read_text().splitlines())
                 if r["kind"] == "eval"] == [2, 4]
-    assert {"curves.png"} <= {p.name for p in (run_dir / "plots").iterdir()}
+    assert any(p.name.startswith("curves") for p in (run_dir / "plots").iterdir())
