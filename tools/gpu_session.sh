@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command of a borrowed-GPU session (see README "GPU checks"): kernel correctness checks and benchmark,
-# then end-to-end training steps. Needs Fashion-MNIST's four IDX files in .carry/fashion-mnist (an ignored folder):
+# the host-time profile of the small fused loss (kernels/cudaprof.py), then end-to-end training steps. Needs
+# Fashion-MNIST's four IDX files in .carry/fashion-mnist (an ignored folder):
 #   mkdir -p .carry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .carry/fashion-mnist/
 #   device run: carry [".carry"], command: bash tools/gpu_session.sh "$OUT"
 set -u
@@ -8,8 +9,9 @@ OUT="${1:?usage: gpu_session.sh OUT}"; mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BENCH_BUDGET_S="${BENCH_BUDGET_S:-120}" bash "$ROOT/kernels/gpu_check.sh" "$OUT"
 PP="$(mktemp -d)"; mkdir -p "$PP/ssl_nb"; cp "$ROOT"/ssl_nb/*.py "$PP/ssl_nb/"; cp -r "$ROOT/kernels" "$PP/ssl_nb/kernels"
+(cd "$PP" && PYTHONPATH="$PP" timeout 90 python3 -m ssl_nb.kernels.cudaprof --out "$OUT" 2>&1 | head -n 24)
 cd "$PP" && PYTHONPATH="$PP" PYTHONUNBUFFERED=1 timeout "${SMOKE_TIMEOUT_S:-150}" python3 "$ROOT/tools/gpu_train_smoke.py" "$OUT" \
   "$ROOT/.carry/fashion-mnist" "${SMOKE_STEPS:-300}" 2>&1 | tail -n 20
 # the device tool returns at most 8 files: keep the two summaries, pack everything into one archive
-cd "$OUT" && tar czf all.tgz --exclude=all.tgz . && find . -maxdepth 1 -type f ! -name all.tgz ! -name bench.md ! -name train_smoke.json -delete
+cd "$OUT" && tar czf all.tgz --exclude=all.tgz . && find . -maxdepth 1 -type f ! -name all.tgz ! -name bench.md ! -name train_smoke.json ! -name cudaprof.txt -delete
 ls -la "$OUT"
