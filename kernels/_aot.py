@@ -86,6 +86,7 @@ def gpu_configs():
     tensors of the same shapes (inside `capture`, nothing runs)."""
     import torch
     from . import _triton_losses as TL, _triton_mae as TM, _triton_tokens as TT
+    from .bench import TUNING_VARIANTS
     from .checks import BENCH_LOSS_SHAPES
     f32, bf16 = torch.float32, torch.bfloat16
     for (R, C, dt) in BENCH_LOSS_SHAPES + [(448, 13, f32), (64, 5000, f32)]:
@@ -94,8 +95,12 @@ def gpu_configs():
         TL.launch(z[0], None, z[2], None, 0.95, 0.5, False, True, True)            # refixmatch
         TL.launch(z[0], z[1], z[2], None, 0.95, 0.5, True, False, True)            # sequencematch
     z = [torch.empty(32768, 1000, dtype=bf16) for _ in range(3)]
-    for br, nw in ((1, 8), (2, 8), (4, 8)):                                         # the benchmark's tuning variants
-        TL.launch(z[0], z[1], z[2], None, 0.95, 0.5, True, False, True, config=dict(BLOCK_R=br, num_warps=nw))
+    for cfg in TUNING_VARIANTS:                                                    # the benchmark's tuning variants
+        TL.launch(z[0], z[1], z[2], None, 0.95, 0.5, True, False, True, config=cfg)
+    for dt in (f32, bf16):                                                          # backward: in-place scale
+        n = 2 * 448 * 10
+        TL._scale_kernel[(TL.cdiv(n, TL.SCALE_BLOCK),)](torch.empty(n, dtype=dt), torch.empty(()), n,
+                                                         BLOCK=TL.SCALE_BLOCK, num_warps=4)
     z = [torch.empty(448, 10) for _ in range(3)]
     TL.launch(z[0], z[1], z[2], torch.empty(448), 0.95, 0.5, True, True, True)     # FlexMatch mask, low_conf_kl
     TL.launch(z[0], z[1], z[2], None, 0.95, 0.5, True, False, False)               # no gradient (evaluation)

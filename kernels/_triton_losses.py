@@ -89,11 +89,14 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
                         R, C, threshold, inv_T, inv_R,
                         HAS_M: tl.constexpr, HAS_MASK: tl.constexpr, LOW_CONF: tl.constexpr,
                         NEED_TW: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                        ROW_TILES: tl.constexpr, ONE_BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+                        ROW_TILES: tl.constexpr, ONE_BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+                        PREFETCH: tl.constexpr):
     """Rows [pid * ROW_TILES * BLOCK_R, ...): for each tile of BLOCK_R rows, the softmax statistics of every view, the
     pseudo-label, the masks, the row losses and the gradients (written now, scaled by grad_output in backward).
     ALIGN (a power of 2 the host found to divide C and the row strides) lets the compiler see that rows start on
-    ALIGN-element boundaries and that the class mask is constant over ALIGN lanes: 16-byte vector loads and stores."""
+    ALIGN-element boundaries and that the class mask is constant over ALIGN lanes: 16-byte vector loads and stores.
+    PREFETCH (ONE_BLOCK with ROW_TILES > 1): the loads of the next tile are issued before the current tile is
+    computed, so that their memory latency overlaps the arithmetic and reductions of this one."""
     if ALIGN > 1:   # identities, written so that the compiler's alignment analysis can see them
         C = (C // ALIGN) * ALIGN
         s_wr = (s_wr // ALIGN) * ALIGN
@@ -101,24 +104,44 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
         s_sr = (s_sr // ALIGN) * ALIGN
     pid = tl.program_id(0)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_C)
+    if PREFETCH:        # the first tile's views
+        rows = pid.to(tl.int64) * ROW_TILES * BLOCK_R + tl.arange(0, BLOCK_R)
+        m2 = (rows < R)[:, None] & (cols < C)[None, :]
+        next_w = _load_tile(zw_ptr, rows, s_wr, cols, s_wc, m2, NEG)
+        next_s = _load_tile(zs_ptr, rows, s_sr, cols, s_sc, m2, NEG)
+        next_m = next_s
+        if HAS_M:
+            next_m = _load_tile(zm_ptr, rows, s_mr, cols, s_mc, m2, NEG)
     for t in range(ROW_TILES):
         rows = (pid.to(tl.int64) * ROW_TILES + t) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < R
-        cols = tl.arange(0, BLOCK_C)
         zero = tl.zeros([BLOCK_R], dtype=tl.float32)
         # ---- pass 1: softmax statistics (max, sums of exp at T = 1 and at T) and the weak view's argmax
         if ONE_BLOCK:    # whole rows in registers: every exp is computed once
             m2 = rmask[:, None] & (cols < C)[None, :]
-            zw = _load_tile(zw_ptr, rows, s_wr, cols, s_wc, m2, NEG)
-            zs = _load_tile(zs_ptr, rows, s_sr, cols, s_sc, m2, NEG)
+            if PREFETCH:
+                zw, zs, zm = next_w, next_s, next_m
+                m2n = ((rows + BLOCK_R) < R)[:, None] & (cols < C)[None, :] & (t + 1 < ROW_TILES)
+                next_w = _load_tile(zw_ptr, rows + BLOCK_R, s_wr, cols, s_wc, m2n, NEG)
+                next_s = _load_tile(zs_ptr, rows + BLOCK_R, s_sr, cols, s_sc, m2n, NEG)
+                next_m = next_s
+                if HAS_M:
+                    next_m = _load_tile(zm_ptr, rows + BLOCK_R, s_mr, cols, s_mc, m2n, NEG)
+            else:
+                zw = _load_tile(zw_ptr, rows, s_wr, cols, s_wc, m2, NEG)
+                zs = _load_tile(zs_ptr, rows, s_sr, cols, s_sc, m2, NEG)
             label = tl.argmax(zw, axis=1).to(tl.int32)
             mw, ew, Zw, ewT, ZwT = _softmax_tile(zw, inv_T, NEED_TW)
             ms, es, Zs, _e, _z = _softmax_tile(zs, inv_T, False)
             p_s = es * (1.0 / Zs)[:, None]
             t_w = ewT * (1.0 / ZwT)[:, None]
-            zm, mm, Zm, ZmT, p_m, t_m = zs, ms, Zs, Zs, p_s, p_s
+            if not PREFETCH:
+                zm = zs
+            mm, Zm, ZmT, p_m, t_m = ms, Zs, Zs, p_s, p_s
             if HAS_M:
-                zm = _load_tile(zm_ptr, rows, s_mr, cols, s_mc, m2, NEG)
+                if not PREFETCH:
+                    zm = _load_tile(zm_ptr, rows, s_mr, cols, s_mc, m2, NEG)
                 mm, em, Zm, emT, ZmT = _softmax_tile(zm, inv_T, True)
                 p_m = em * (1.0 / Zm)[:, None]
                 t_m = emT * (1.0 / ZmT)[:, None]
@@ -195,15 +218,29 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
     tl.store(part_ptr + pid, tl.sum(acc, axis=0) * inv_R)
 
 
+@triton.jit
+def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
+    """Backward of the fused losses: x *= g in place, x the gradient buffer written by the forward, g the 0-dim
+    grad_output read on the device (no host sync), fp32 math, one rounding to x's dtype (as `x.mul_(g)`). Replaces
+    `mul_` with a CUDA 0-dim tensor, which PyTorch runs as a broadcast through its generic, unvectorised kernel."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    g = tl.load(g_ptr).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=m)
+    tl.store(x_ptr + offs, (x.to(tl.float32) * g).to(x.dtype), mask=m)
+
+
 INTERPRETED = is_interpreted(_consistency_kernel)
+SCALE_BLOCK = 65536 if INTERPRETED else 4096
 F32 = torch.float32
 _grad_enabled = torch.is_grad_enabled
 
 
 # ---------------------------------------------------------------------------------------------------------- launch
-def pick_config(R: int, C: int, interpret: bool = INTERPRETED) -> dict:
-    """Block sizes. GPU: one row per program from C ~ 1000 up (Liger's layout), several rows per program for small C,
-    and a single program (no partial-sum launch) when the whole batch is <= 4 tiles. Interpreter: large blocks, since
+def pick_config(R: int, C: int, interpret: bool = INTERPRETED, views: int = 3) -> dict:
+    """Block sizes. GPU: one row per tile from C ~ 1000 up (Liger's layout; 16 prefetched rows per program for large
+    batches), several rows per tile for small C, and a single program (no partial-sum launch) when the whole batch is
+    <= 4 tiles. Interpreter: large blocks, since
     each program instance costs milliseconds."""
     BLOCK_C = max(16, min(next_pow2(C), MAX_BLOCK_C))
     if interpret:
@@ -212,14 +249,20 @@ def pick_config(R: int, C: int, interpret: bool = INTERPRETED) -> dict:
     BLOCK_R = min(next_pow2(R), max(1, (2048 if BLOCK_C <= 128 else 1024) // BLOCK_C))
     tiles = cdiv(R, BLOCK_R)
     tile = BLOCK_R * BLOCK_C
-    return dict(BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, ROW_TILES=tiles if tiles <= 4 else 1,
-                num_warps=4 if tile <= 1024 else (8 if tile <= 4096 else 16))
+    cfg = dict(BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, ROW_TILES=tiles if tiles <= 4 else 1,
+               num_warps=4 if tile <= 1024 else (8 if tile <= 4096 else 16))
+    if views == 3 and BLOCK_R == 1 and R >= 8192 and C <= BLOCK_C:
+        # many long rows: 16 rows per program, the next row's loads in flight during this row's math (SequenceMatch
+        # on an H100, 2026-11-26: 8-9% faster forward at 8192 and 32768 x 1000 bf16 than one row per program; not
+        # measured for the two-view losses, whose kernel then spills a register under ptxas)
+        cfg.update(ROW_TILES=16, PREFETCH=True)
+    return cfg
 
 
 class _Plan:
     "Everything about a call that follows from its key: sizes, strides, grid, meta-parameters, the launcher."
     __slots__ = ("R", "C", "grid", "launcher", "strides", "s_mask", "has_m", "write_grad", "buf", "inv_R", "dev",
-                 "dt_m", "dt_s", "part_shape")
+                 "dt_m", "dt_s", "part_shape", "scales")
 
 
 _PLANS: dict = {}
@@ -231,12 +274,13 @@ def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config) -> _Plan:
     R, C = zs.shape
     sw, ss = zw.stride(), zs.stride()
     sm = zm.stride() if has_m else ss
-    cfg = dict(pick_config(R, C))
+    cfg = dict(pick_config(R, C, views=3 if has_m else 2))
     if config: cfg.update(config)
     BR, BC, RT = cfg["BLOCK_R"], cfg["BLOCK_C"], cfg["ROW_TILES"]
     contiguous_cols = sw[1] == sm[1] == ss[1] == 1
     meta = dict(HAS_M=has_m, HAS_MASK=mask is not None, LOW_CONF=low_conf, NEED_TW=has_m or low_conf,
                 WRITE_GRAD=write_grad, BLOCK_R=BR, BLOCK_C=BC, ROW_TILES=RT, ONE_BLOCK=C <= BC,
+                PREFETCH=bool(cfg.get("PREFETCH", False)) and C <= BC and RT > 1,
                 ALIGN=align(C, sw[0], sm[0], ss[0]) if contiguous_cols else 1, num_warps=cfg["num_warps"])
     p = _Plan()
     p.R, p.C, p.grid = R, C, cdiv(R, BR * RT)
@@ -248,12 +292,17 @@ def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config) -> _Plan:
     # gradients: one [2, R, C] buffer (medium, strong) when the dtypes agree, so that backward is one launch
     p.buf = 0 if not write_grad else (1 if has_m and zm.dtype == zs.dtype else 2)
     p.part_shape = (p.grid,) if p.grid > 1 else ()
+    # backward: one in-place scale per gradient tensor (the [2, R, C] buffer, or grad_s and grad_m)
+    sizes = [] if not write_grad else [2 * R * C] if p.buf == 1 else [R * C] * (1 + has_m)
+    p.scales = tuple((n, Launcher(_scale_kernel, (cdiv(n, SCALE_BLOCK),), dict(BLOCK=SCALE_BLOCK, num_warps=4)))
+                     for n in sizes)
     return p
 
 
 def _execute(p: _Plan, zw, zm, zs, mask, threshold: float, inv_T: float):
-    """Allocate the outputs and launch. Returns (loss, mask, grad_m, grad_s, buffer): the fp32 loss (0-dim, on
-    device), the CE mask (fp32 [R]), the gradients for grad_output = 1 (None unless the plan writes them)."""
+    """Allocate the outputs and launch. Returns (loss, mask, grad_m, grad_s, scales): the fp32 loss (0-dim, on
+    device), the CE mask (fp32 [R]), the gradients for grad_output = 1 (None unless the plan writes them), and the
+    backward's work: (tensor, (numel, scale launcher)) for each gradient buffer."""
     dev, R, C = p.dev, p.R, p.C
     buf = gm = gs = None
     if p.buf == 1:
@@ -270,18 +319,21 @@ def _execute(p: _Plan, zw, zm, zs, mask, threshold: float, inv_T: float):
         mask_in, mask_out = mask, part
     p.launcher(zw, zm if p.has_m else zs, zs, *p.strides, mask_in, p.s_mask, part if gm is None else gm,
                part if gs is None else gs, mask_out, part, R, C, threshold, inv_T, p.inv_R)
-    return (part if p.grid == 1 else part.sum()), mask, gm, gs, buf
+    if p.buf == 0: grads = ()
+    elif p.buf == 1: grads = (buf,)
+    else: grads = (gs,) if gm is None else (gs, gm)
+    return (part if p.grid == 1 else part.sum()), mask, gm, gs, tuple(zip(grads, p.scales))
 
 
 def launch(zw, zm, zs, mask, threshold, T, has_m, low_conf, write_grad, config=None):
-    "One uncached launch on validated arguments (used by `_aot`): (loss, mask, grad_m, grad_s, buffer)."
+    "One uncached launch on validated arguments (used by `_aot`): (loss, mask, grad_m, grad_s, scales)."
     p = _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config)
     return _execute(p, zw, zm, zs, mask, float(threshold), 1.0 / T)
 
 
 class _ConsistencyLoss(torch.autograd.Function):
     """Carries the gradients the forward kernel wrote: backward scales them by grad_output in place (one launch for
-    both views). The kernel runs before `apply`; `st` = (loss, buffer, grad_m, grad_s). ctx keeps the gradients but
+    both views). The kernel runs before `apply`; `st` = (loss, scales, grad_m, grad_s). ctx keeps the gradients but
     not the loss: the output held by its own grad_fn would be a reference cycle (freed only by the garbage collector,
     e.g. never for a forward whose backward does not run)."""
 
@@ -297,12 +349,11 @@ class _ConsistencyLoss(torch.autograd.Function):
             raise RuntimeError("ssl_nb.kernels' fused losses support one backward pass per forward (their gradient "
                                "buffer is scaled in place); recompute the loss instead of using retain_graph=True.")
         ctx.st = None
-        buf, gm, gs = st
-        if buf is not None:
-            buf.mul_(g)
+        scales, gm, gs = st
+        if g.data_ptr() & 15 or g.dtype is not F32:   # the launchers are specialised on a 16-byte aligned fp32 g
+            for x, _ in scales: x.mul_(g)
         else:
-            gs.mul_(g)
-            if gm is not None: gm.mul_(g)
+            for x, (n, launcher) in scales: launcher(x, g, n)
         return gm, gs, None
 
 
@@ -368,9 +419,9 @@ def _loss(has_m, low_conf, zw, zm, zs, threshold, T, mask, config):
         if key is not None:
             if len(_PLANS) >= MAX_PLANS: _PLANS.clear()
             _PLANS[key] = p
-    loss, mask, gm, gs, buf = _execute(p, zw, zm, zs, mask, threshold, 1.0 / T)
+    loss, mask, gm, gs, scales = _execute(p, zw, zm, zs, mask, threshold, 1.0 / T)
     if p.write_grad:
-        loss = _ConsistencyLoss.apply(zm if has_m else None, zs, (loss, buf, gm, gs))
+        loss = _ConsistencyLoss.apply(zm if has_m else None, zs, (loss, scales, gm, gs))
     return loss, mask
 
 

@@ -36,6 +36,12 @@ import traceback
 import torch
 
 COPY_KEY = "copy_TBps"
+# other layouts of the SequenceMatch kernel timed at C >= 1000, to tune pick_config: BLOCK_R rows per tile, num_warps,
+# ROW_TILES tiles per program, PREFETCH (the next tile's loads issued before this tile's math)
+TUNING_VARIANTS = (dict(BLOCK_R=1, num_warps=2), dict(BLOCK_R=1, num_warps=8), dict(BLOCK_R=2, num_warps=4),
+                   dict(BLOCK_R=1, num_warps=4, ROW_TILES=4, PREFETCH=True),
+                   dict(BLOCK_R=1, num_warps=4, ROW_TILES=16, PREFETCH=True),
+                   dict(BLOCK_R=1, num_warps=8, ROW_TILES=8, PREFETCH=True))
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
@@ -197,9 +203,9 @@ class Bench:
                 if kind == "sequencematch" and C >= 1000 and not self.a.dry_run and not compiled_only:
                     # other layouts than the default (1 row / 4 warps per program), to tune pick_config on this GPU
                     from . import _triton_losses as TL
-                    for br, nw in ((1, 8), (2, 8), (4, 8)):
-                        impls.append((f"triton[BLOCK_R={br},num_warps={nw}]", lambda *a, br=br, nw=nw:
-                                      TL.sequencematch_loss(*a, _config=dict(BLOCK_R=br, num_warps=nw))))
+                    for cfg in TUNING_VARIANTS:
+                        name = ",".join(k if v is True else f"{k}={v}" for k, v in cfg.items())
+                        impls.append((f"triton[{name}]", lambda *a, cfg=cfg: TL.sequencematch_loss(*a, _config=cfg)))
                 if compiled_only:
                     if not self.compile_ok(f"{kind} {shape}"): continue
                     impls = [("compiled", self.compiled(kind, getattr(L, f"{kind}_loss")))]

@@ -92,8 +92,9 @@ def logits(R_, C, dtype, device, seed, boost=12.0, layout="contiguous"):
 
 # ------------------------------------------------------------------------------------------------------------ losses
 def check_loss(kind, R_, C, dtype, device, config=None, mask_mode=None, threshold=0.95, T=0.5, low_conf=False,
-               layout="contiguous", grad_scale=2.0, seed=0):
-    """One loss on one set of inputs: loss, mask and gradients (of grad_scale * loss) against ssl_nb.losses."""
+               layout="contiguous", grad_scale=2.0, seed=0, grad_misaligned=False):
+    """One loss on one set of inputs: loss, mask and gradients (of grad_scale * loss) against ssl_nb.losses.
+    grad_misaligned: grad_output is a 0-dim view 4 bytes past a 16-byte boundary (the backward's fallback path)."""
     TLm = triton_module("_triton_losses", torch.device(device))
     views = 3 if kind == "sequencematch" else 2
     zs_ = [logits(R_, C, dtype, device, seed + i, layout=layout) for i in range(views)]
@@ -113,7 +114,10 @@ def check_loss(kind, R_, C, dtype, device, config=None, mask_mode=None, threshol
         fn = getattr(L, f"{kind}_loss") if impl == "ref" else getattr(TLm, f"{kind}_loss")
         extra = {} if impl == "ref" else dict(_config=config)
         loss, m = fn(*ins, **kw, **extra)
-        (loss * grad_scale).backward()
+        if grad_misaligned:
+            loss.backward(torch.full((4,), grad_scale, device=device)[1])
+        else:
+            (loss * grad_scale).backward()
         out[impl] = (loss, m, [z.grad for z in ins[1:]])
     tol = TOL[dtype]
     res = [compare("loss", out["triton"][0], out["ref"][0], **LOSS_TOL),
@@ -441,10 +445,18 @@ def cases(device: str) -> dict:
         "seq_colstride": lambda: check_loss("sequencematch", 100, 13, f32, dev, layout="colstride", seed=10),
         "seq_rowpad_bf16": lambda: check_loss("sequencematch", 100, 1000, bf16, dev, layout="rowpad", seed=11),
         "refix_transposed": lambda: check_loss("refixmatch", 100, 10, f32, dev, layout="transposed", seed=12),
+        "seq_grad_out_misaligned": lambda: check_loss("sequencematch", 96, 13, bf16, dev, grad_scale=0.5, seed=21,
+                                                      grad_misaligned=True),
         "seq_grad_out_1": lambda: check_loss("sequencematch", 128, 10, f32, dev, grad_scale=1.0, seed=13),
         "seq_multiblock_1000": lambda: check_loss("sequencematch", 64, 1000, f32, dev, seed=14, low_conf=True,
                                                   config=dict(BLOCK_C=256, BLOCK_R=16 if dev == "cpu" else 1,
                                                               num_warps=4)),
+        # the prefetching layout (next tile's loads issued before this tile's math), ragged: the last program's
+        # last tile is partly outside the batch
+        "seq_prefetch_61x1000_bf16": lambda: check_loss("sequencematch", 61, 1000, bf16, dev, seed=19, config=dict(
+            BLOCK_R=4, BLOCK_C=1024, ROW_TILES=4, PREFETCH=True, num_warps=4)),
+        "refix_prefetch_5x1000": lambda: check_loss("refixmatch", 5, 1000, f32, dev, seed=20, config=dict(
+            BLOCK_R=1, BLOCK_C=1024, ROW_TILES=3, PREFETCH=True, num_warps=4)),
         "seq_5000_f32": lambda: check_loss("sequencematch", 32, 5000, f32, dev, seed=15),
         "seq_gpucfg_tiles_448x10": lambda: check_loss("sequencematch", 448, 10, f32, dev, seed=16,
                                                       config=gpu_cfg(448, 10) if gpu_cfg else None),
