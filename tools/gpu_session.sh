@@ -9,7 +9,8 @@ OUT="${1:?usage: gpu_session.sh OUT}"; mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BENCH_BUDGET_S="${BENCH_BUDGET_S:-120}" bash "$ROOT/kernels/gpu_check.sh" "$OUT"
 PP="$(mktemp -d)"; mkdir -p "$PP/ssl_nb"; cp "$ROOT"/ssl_nb/*.py "$PP/ssl_nb/"; cp -r "$ROOT/kernels" "$PP/ssl_nb/kernels"
-(cd "$PP" && PYTHONPATH="$PP" timeout 90 python3 -m ssl_nb.kernels.cudaprof --out "$OUT" 2>&1 | head -n 24)
+(cd "$PP" && PYTHONPATH="$PP" timeout 90 python3 -m ssl_nb.kernels.cudaprof --out "$OUT" > "$OUT/cudaprof.log" 2>&1)
+head -n 24 "$OUT/cudaprof.log"      # (not `| head`: its early exit would kill cudaprof before it writes cudaprof.txt)
 cd "$PP" && PYTHONPATH="$PP" PYTHONUNBUFFERED=1 timeout "${SMOKE_TIMEOUT_S:-150}" python3 "$ROOT/tools/gpu_train_smoke.py" "$OUT" \
   "$ROOT/.carry/fashion-mnist" "${SMOKE_STEPS:-300}" 2>&1 | tail -n 20
 # the device tool returns at most 8 files: keep the two summaries, pack everything into one archive
