@@ -9,8 +9,9 @@ trains the single-projector baseline (`--num-projectors 1`). Each run is a subpr
 under --out; finished runs are skipped and interrupted ones resumed, so the command can be re-run after a stop.
 
 Writes to --out: runs.csv (one row per run), table.md (mean ± std over seeds of best and last top-1, ECE, the
-standard deviation and minimum of per-class accuracy), plot.png, and budget.md (the command, the shared budget,
-machine and wall time).
+standard deviation and minimum of per-class accuracy; and, for every `BASE+variant` with its `BASE` in the grid, the
+per-seed paired differences), plot.png, and budget.md (the command, the shared budget, machine and wall time; kept
+as it is by --summarize-only).
 """
 from __future__ import annotations
 
@@ -61,6 +62,30 @@ def collect(run_dir: Path, spec: str) -> dict:
             "run_dir": str(run_dir)}
 
 
+def paired(df, order: list[str]):
+    """Per-seed differences of every `BASE+variant` spec from its `BASE` spec (same labels and seed), or None when the
+    grid has no such pair. Rows: (num_labels, 'variant − BASE'); columns: mean ± std (points) and count of seeds > 0."""
+    import pandas as pd
+    cols = {"last_top1": "top-1", "last_ece": "ECE", "class_std": "per-class std"}
+    key = ["num_labels", "seed"]
+    out = []
+    for spec in order:
+        base = spec.split("+")[0]
+        if spec == base or base not in order: continue
+        for n in sorted(df["num_labels"].unique()):
+            a = df[(df["spec"] == spec) & (df["num_labels"] == n)].set_index(key)
+            b = df[(df["spec"] == base) & (df["num_labels"] == n)].set_index(key)
+            seeds = a.index.intersection(b.index)
+            if len(seeds) == 0: continue
+            row = {"num_labels": n, "pair": f"{spec} − {base}"}
+            for c, name in cols.items():
+                d = (a.loc[seeds, c] - b.loc[seeds, c]) * 100
+                sd = f" ± {d.std(ddof=1):.2f}" if len(d) > 1 else ""
+                row[f"Δ {name}"] = f"{d.mean():+.2f}{sd} ({int((d > 0).sum())}/{len(d)} > 0)"
+            out.append(row)
+    return pd.DataFrame(out).set_index(["num_labels", "pair"]) if out else None
+
+
 def summarize(rows: list[dict], out: Path, order: list[str], argv: list[str], shared: list[str], t_total: float):
     import pandas as pd
     import matplotlib; matplotlib.use("Agg")
@@ -77,15 +102,21 @@ def summarize(rows: list[dict], out: Path, order: list[str], argv: list[str], sh
                                    "ema_decay", "ema_warmup", "eval_every", "eval_limit") if k in cfg}
     md = ["Mean ± std over seeds (ddof=1) of the EMA model's test top-1: the best over the evaluations and the last "
           "one; ECE (15 bins), the std and the minimum of the per-class accuracies are those of the last evaluation.",
-          "", markdown_table(tab), "",
+          "", markdown_table(tab), ""]
+    pairs = paired(df, order)
+    if pairs is not None:
+        md += ["Paired by seed (same labeled set): variant − baseline, in points, mean ± std over seeds, and in how "
+               "many seeds the difference is > 0.", "", markdown_table(pairs), ""]
+    md += [
           f"Budget per run: {json.dumps(budget)}; per-method defaults otherwise (see each run's config.json).",
           f"Command: `python {shlex.join(argv)}`"]
     (out / "table.md").write_text("\n".join(md) + "\n")
-    (out / "budget.md").write_text("\n".join([
-        f"command: python {shlex.join(argv)}", f"shared flags: {shlex.join(shared)}", f"budget: {json.dumps(budget)}",
-        f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
-        f"runs: {len(df)}, total wall time of the runs: {df['wall_s'].sum() / 3600:.2f} h "
-        f"(this invocation: {t_total / 3600:.2f} h)", f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}"]) + "\n")
+    if t_total > 0 or not (out / "budget.md").exists():     # --summarize-only keeps the training run's record
+        (out / "budget.md").write_text("\n".join([
+          f"command: python {shlex.join(argv)}", f"shared flags: {shlex.join(shared)}", f"budget: {json.dumps(budget)}",
+          f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
+          f"runs: {len(df)}, total wall time of the runs: {df['wall_s'].sum() / 3600:.2f} h "
+          f"(this invocation: {t_total / 3600:.2f} h)", f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}"]) + "\n")
     labels = sorted(df["num_labels"].unique())
     fig, axs = plt.subplots(1, len(labels), figsize=(4.5 * len(labels), 3.4), squeeze=False)
     for ax, n in zip(axs[0], labels):
