@@ -64,6 +64,15 @@ def module_for(t: torch.Tensor, name: str):
     return triton_module(name, t.device)
 
 
+def first_order_only(op: str):
+    """Called first in the backward of every fused op: their gradients were written by the forward kernel and are
+    constants to autograd, so a backward with `create_graph=True` (gradient penalties, double backward) would
+    silently lose the second-order terms. Raise instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"ssl_nb.kernels' {op} computes first-order gradients only (no create_graph=True / "
+                           f"double backward); set SSL_NB_KERNELS=torch for higher-order gradients.")
+
+
 def is_interpreted(kernel) -> bool:
     "True when `kernel` and triton's own library functions (tl.max, tl.sum, ...) all run in the interpreter."
     import triton.language as tl

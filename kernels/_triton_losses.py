@@ -14,7 +14,7 @@ from ssl_nb.core import ConfigError
 from ssl_nb.losses import _check_logits
 
 from ._launch import Launcher
-from ._runtime import align, is_interpreted, cdiv, next_pow2
+from ._runtime import align, is_interpreted, cdiv, first_order_only, next_pow2
 
 NEG = tl.constexpr(-1.0e30)   # padding logit: exp(NEG - max) == 0, and NEG * 0 == 0 (no inf * 0 NaN)
 MAX_BLOCK_C = 4096     # wider rows loop over class blocks (two passes: online statistics, then terms + gradients)
@@ -288,9 +288,13 @@ def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config) -> _Plan:
     p.strides = (sw[0], sw[1], sm[0], sm[1], ss[0], ss[1])
     p.s_mask = mask.stride(0) if mask is not None else 0
     p.has_m, p.write_grad, p.inv_R, p.dev = has_m, write_grad, 1.0 / R, zs.device
-    p.dt_s, p.dt_m = zs.dtype, (zm.dtype if has_m else None)
+    # gradient buffers in the logits' dtype, except fp16: the forward writes gradients for grad_output = 1 (divided
+    # by R), which fp16's range flushes to 0 before a large grad_output (a GradScaler's 2^16) could scale them back;
+    # fp32 buffers keep them, and autograd casts the returned gradient to fp16 once
+    grad_dtype = lambda dt: F32 if dt is torch.float16 else dt
+    p.dt_s, p.dt_m = grad_dtype(zs.dtype), (grad_dtype(zm.dtype) if has_m else None)
     # gradients: one [2, R, C] buffer (medium, strong) when the dtypes agree, so that backward is one launch
-    p.buf = 0 if not write_grad else (1 if has_m and zm.dtype == zs.dtype else 2)
+    p.buf = 0 if not write_grad else (1 if has_m and p.dt_m == p.dt_s else 2)
     p.part_shape = (p.grid,) if p.grid > 1 else ()
     # backward: one in-place scale per gradient tensor (the [2, R, C] buffer, or grad_s and grad_m)
     sizes = [] if not write_grad else [2 * R * C] if p.buf == 1 else [R * C] * (1 + has_m)
@@ -344,6 +348,7 @@ class _ConsistencyLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        first_order_only("fused consistency loss")
         st = ctx.st
         if st is None:
             raise RuntimeError("ssl_nb.kernels' fused losses support one backward pass per forward (their gradient "

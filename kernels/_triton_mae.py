@@ -7,7 +7,7 @@ import triton.language as tl
 
 from ssl_nb.core import ConfigError
 
-from ._runtime import align, is_interpreted, cdiv, next_pow2
+from ._runtime import align, is_interpreted, cdiv, first_order_only, next_pow2
 from ._validate import check_mae
 
 MAX_E = 8192     # one patch (p*p*C values) is held in registers: 16x16x3 = 768, 32x32x3 = 3072
@@ -83,7 +83,10 @@ def launch(pred, imgs, mask, p, norm_pix, write_grad, config=None):
     grid = cdiv(R, cfg["ROWS"])
     part = torch.empty((), dtype=torch.float32, device=pred.device) if grid == 1 else \
         torch.empty(grid, dtype=torch.float32, device=pred.device)
-    grad = torch.empty((B, L, E), dtype=pred.dtype, device=pred.device) if write_grad else None
+    # fp16 gradients are kept in fp32 until backward has scaled them (see _triton_losses: fp16's range would flush the
+    # small per-element gradients before a GradScaler's grad_output scales them back)
+    gdt = torch.float32 if pred.dtype is torch.float16 else pred.dtype
+    grad = torch.empty((B, L, E), dtype=gdt, device=pred.device) if write_grad else None
     _mae_kernel[(grid,)](pred, imgs, mask, den, grad if write_grad else part, part,
                          R, L, W // p, E, *pred.stride(), *imgs.stride(), *mask.stride(),
                          P=p, CH=C, NORM=bool(norm_pix), WRITE_GRAD=write_grad, ROWS=cfg["ROWS"],
@@ -100,6 +103,7 @@ class _MaskedPatchMSE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        first_order_only("masked_patch_mse")
         grad, ctx.grad = ctx.grad, None
         return grad * g, None, None, None, None, None
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Launcher
-from ._runtime import align, is_interpreted, cdiv, next_pow2
+from ._runtime import align, is_interpreted, cdiv, first_order_only, next_pow2
 from ._validate import check_gather, check_ids_values, check_scatter
 from .reference import gather_tokens_ref, scatter_tokens_ref
 
@@ -286,6 +286,7 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        first_order_only("gather_tokens")
         inv, (B, N, K, D), config = ctx.st
         key = ("gather_bwd", _tk(g), N, _ck(config))
         ent = _CACHE.get(key)
@@ -306,6 +307,7 @@ class _Scatter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        first_order_only("scatter_tokens")
         inv, ids, fshape, fdtype, config = ctx.st
         need_t, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_t or need_f): return None, None, None

@@ -92,12 +92,14 @@ def logits(R_, C, dtype, device, seed, boost=12.0, layout="contiguous"):
 
 # ------------------------------------------------------------------------------------------------------------ losses
 def check_loss(kind, R_, C, dtype, device, config=None, mask_mode=None, threshold=0.95, T=0.5, low_conf=False,
-               layout="contiguous", grad_scale=2.0, seed=0, grad_misaligned=False):
+               layout="contiguous", grad_scale=2.0, seed=0, grad_misaligned=False, tol=None, dtypes=None):
     """One loss on one set of inputs: loss, mask and gradients (of grad_scale * loss) against ssl_nb.losses.
-    grad_misaligned: grad_output is a 0-dim view 4 bytes past a 16-byte boundary (the backward's fallback path)."""
+    grad_misaligned: grad_output is a 0-dim view 4 bytes past a 16-byte boundary (the backward's fallback path).
+    tol: tolerances instead of TOL[dtype]; dtypes: one dtype per view (mixed dtypes), instead of `dtype` for all."""
     TLm = triton_module("_triton_losses", torch.device(device))
     views = 3 if kind == "sequencematch" else 2
-    zs_ = [logits(R_, C, dtype, device, seed + i, layout=layout) for i in range(views)]
+    dtypes = dtypes or [dtype] * views
+    zs_ = [logits(R_, C, dt, device, seed + i, layout=layout) for i, dt in enumerate(dtypes)]
     mask = None
     if mask_mode == "external":                     # a FlexMatch-like mask, independent of the threshold
         mask = (torch.rand(R_, generator=_gen(seed + 9)) < 0.4).float().to(device)
@@ -119,7 +121,7 @@ def check_loss(kind, R_, C, dtype, device, config=None, mask_mode=None, threshol
         else:
             (loss * grad_scale).backward()
         out[impl] = (loss, m, [z.grad for z in ins[1:]])
-    tol = TOL[dtype]
+    tol = tol or TOL[dtype]
     res = [compare("loss", out["triton"][0], out["ref"][0], **LOSS_TOL),
            compare("mask", out["triton"][1], out["ref"][1], 0.0, 0.0)]
     for name, g1, g2 in zip(["grad_m", "grad_s"][-(views - 1):], out["triton"][2], out["ref"][2]):
@@ -127,6 +129,26 @@ def check_loss(kind, R_, C, dtype, device, config=None, mask_mode=None, threshol
     mfrac = float(out["ref"][1].float().mean())
     ok = all(r[0] for r in res) and bool(torch.isfinite(out["triton"][0]))
     return ok, f"mask={mfrac:.2f} " + "; ".join(r[1] for r in res)
+
+
+def check_grad_of_grad(device):
+    """A backward with create_graph=True through a fused op (a gradient penalty) raises: the gradients the forward
+    kernel wrote are constants to autograd, so second-order terms would silently be 0."""
+    TLm = triton_module("_triton_losses", torch.device(device))
+    TT = triton_module("_triton_tokens", torch.device(device))
+    zw, zm, zs = (logits(32, 10, torch.float32, device, s) for s in range(3))
+    zs.requires_grad_()
+    x = torch.randn(2, 20, 16, device=device, requires_grad=True)
+    ids = _ids(2, 20, 5, torch.int64, device, 0)
+    out = []
+    for name, y, wrt in [("loss", lambda: TLm.sequencematch_loss(zw, zm, zs)[0], zs),
+                         ("gather", lambda: TT.gather_tokens(x, ids).square().sum(), x)]:
+        try:
+            torch.autograd.grad(y(), wrt, create_graph=True)
+            out.append((False, f"{name}: create_graph=True did not raise"))
+        except RuntimeError as e:
+            out.append(("first-order gradients only" in str(e), f"{name}: {str(e)[:70]}"))
+    return all(o[0] for o in out), "; ".join(o[1] for o in out)
 
 
 def check_loss_nograd(device):
@@ -447,6 +469,13 @@ def cases(device: str) -> dict:
         "refix_transposed": lambda: check_loss("refixmatch", 100, 10, f32, dev, layout="transposed", seed=12),
         "seq_grad_out_misaligned": lambda: check_loss("sequencematch", 96, 13, bf16, dev, grad_scale=0.5, seed=21,
                                                       grad_misaligned=True),
+        # fp16 under a GradScaler-sized grad_output: each gradient rounded to fp16 once (a relative tolerance of a few
+        # fp16 ulps; TOL's absolute part, relative to max|grad|, would hide gradients flushed to 0)
+        "seq_f16_gradscaler": lambda: check_loss("sequencematch", 300, 1000, torch.float16, dev, grad_scale=65536.0,
+                                                 seed=22, tol=dict(atol=1e-6, rtol=2 ** -9)),
+        "seq_mixed_dtypes": lambda: check_loss("sequencematch", 64, 100, f32, dev, seed=23,
+                                               dtypes=[f32, bf16, f32], tol=TOL[bf16]),
+        "seq_grad_of_grad_raises": lambda: check_grad_of_grad(dev),
         "seq_grad_out_1": lambda: check_loss("sequencematch", 128, 10, f32, dev, grad_scale=1.0, seed=13),
         "seq_multiblock_1000": lambda: check_loss("sequencematch", 64, 1000, f32, dev, seed=14, low_conf=True,
                                                   config=dict(BLOCK_C=256, BLOCK_R=16 if dev == "cpu" else 1,

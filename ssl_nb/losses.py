@@ -109,8 +109,13 @@ class FlexMatchThreshold(nn.Module):
     def update(self, idx: torch.Tensor, label: torch.Tensor, select: torch.Tensor):
         "Record `label` for the selected samples, then recompute the class-wise β."
         sel = self.selected_label
-        sel.index_copy_(0, idx, torch.where(select, label, sel[idx]))
-        counts = torch.bincount(sel + 1, minlength=self.num_classes + 1).float()   # key -1 -> bin 0
+        # the selected samples only, deterministically when an index repeats (the sampler wraps, DDP ranks overlap):
+        # the largest selected label wins; unselected rows never overwrite
+        new = torch.full_like(sel, -1).scatter_reduce_(0, idx, torch.where(select, label, -1), "amax")
+        sel.copy_(torch.where(new >= 0, new, sel))
+        # key -1 -> bin 0; index_add_, not bincount, which reads min/max back to the host on CUDA
+        counts = torch.zeros(self.num_classes + 1, dtype=torch.long, device=sel.device).index_add_(
+            0, sel + 1, torch.ones_like(sel)).float()
         denom = counts.max() if self.warmup else counts[1:].max().clamp_min(1)
         beta = counts[1:] / denom
         self.classwise_acc.copy_(torch.where(counts.max() < self.num_unlabeled, beta, self.classwise_acc))
@@ -249,5 +254,5 @@ def comatch_queue_push(queue_feats: torch.Tensor, queue_probs: torch.Tensor, ptr
     rc = r.clamp(0, n - 1)
     new_feats = torch.where(take, feats.detach().to(queue_feats.dtype)[rc], queue_feats)
     new_probs = torch.where(take, probs.detach().to(queue_probs.dtype)[rc], queue_probs)
-    new_ptr = torch.where(ptr + n >= Q, torch.zeros_like(ptr), ptr + n)
+    new_ptr = (ptr + n) % Q                                               # wraps modulo Q, as USB/EPASS
     return new_feats, new_probs, new_ptr

@@ -241,17 +241,17 @@ def test_comatch_smooth_rows_sum_to_one_and_ignore_gradients():
 def test_comatch_queue_wraps_and_truncates():
     qf, qp, ptr = torch.zeros(7, 2), torch.zeros(7, 3), torch.tensor(0)
     seen = []
-    for i in range(4):   # pushes of 3 rows into 7 slots: 0 -> 3 -> 6 -> (1 row written, 2 dropped) 0 -> 3
+    for i in range(4):   # pushes of 3 rows into 7 slots: 0 -> 3 -> 6 -> (1 row written, 2 dropped) 9 % 7 = 2 -> 5
         rows = torch.arange(3 * i, 3 * i + 3, dtype=torch.float)[:, None].repeat(1, 2)
         qf2, qp2, ptr = comatch_queue_push(qf, qp, ptr, rows, torch.ones(3, 3))
         assert torch.equal(qf, qf2) is False
         qf, qp = qf2, qp2
         seen.append(int(ptr))
-    assert seen == [3, 6, 0, 3]
-    assert qf[:, 0].tolist() == [9, 10, 11, 3, 4, 5, 6]
+    assert seen == [3, 6, 2, 5]                     # the pointer wraps modulo Q, as USB/EPASS's (ptr + n) % Q
+    assert qf[:, 0].tolist() == [0, 1, 9, 10, 11, 5, 6]
     # a push larger than the queue is truncated to the queue size
     qf, _, ptr = comatch_queue_push(torch.zeros(2, 1), torch.zeros(2, 1), 0, torch.tensor([[1.], [2.], [3.]]), torch.ones(3, 1))
-    assert qf[:, 0].tolist() == [1, 2] and int(ptr) == 0
+    assert qf[:, 0].tolist() == [1, 2] and int(ptr) == 1
 
 
 # ------------------------------------------------------------------ algorithms: one step
@@ -392,7 +392,7 @@ def test_fit_resume_restores_bank_and_queue_exactly(name, tmp_path, monkeypatch)
         if step == 2: raise Stop
 
     extra = ({"instance_warmup_iters": 1} if name == "simmatch" else
-             {"smoothing_warmup_iters": 0, "queue_batch": 1, "queue_size": 30})   # 12 rows per step: 0 -> 12 -> 24 -> 0 -> 12
+             {"smoothing_warmup_iters": 0, "queue_batch": 1, "queue_size": 30})   # 12 rows per step: 0 -> 12 -> 24 -> 6 -> 18
     def cfg(run_dir, resume=False):
         return make_config(name, num_iters=4, batch_size=4, uratio=2, eval_every=100, ckpt_every=2, log_every=1,
                            proj_size=8, progress=False, tensorboard=False, run_dir=str(run_dir), resume=resume, **extra)
@@ -404,7 +404,7 @@ def test_fit_resume_restores_bank_and_queue_exactly(name, tmp_path, monkeypatch)
     for mod in a:
         for k in a[mod]: assert torch.equal(a[mod][k], b[mod][k]), (mod, k)
     assert train.load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 4
-    if name == "comatch": assert int(a["queue"]["ptr"]) == 12 and a["queue"]["probs"][:24].sum(1).allclose(torch.ones(24))
+    if name == "comatch": assert int(a["queue"]["ptr"]) == 18 and a["queue"]["probs"].sum(1).allclose(torch.ones(30))
     else: assert not torch.equal(a["bank"]["labels"], torch.zeros_like(a["bank"]["labels"]))
     assert full.last_top1 == resumed.last_top1
 
