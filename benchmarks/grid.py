@@ -30,11 +30,16 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
 def run_one(spec, labels, seed, out: Path, shared: list[str], threads: int) -> dict:
     name, flags = parse_spec(spec)
     run_dir = out / f"{spec}-{labels}-s{seed}"
+    cmd = [sys.executable, "-m", "ssl_nb.cli", "fit", name, *flags, "--num-labels", str(labels), "--seed", str(seed),
+           "--run-dir", str(run_dir), "--resume", "true", "--no-progress", *shared]
+    asked, record = cmd[2:], run_dir / "grid_cmd.json"      # the run's own flags (not the interpreter's path)
+    if record.exists() and json.loads(record.read_text()) != asked:
+        sys.exit(f"grid.py: {run_dir} was trained with other flags ({shlex.join(json.loads(record.read_text()))}); "
+                 f"use another --out for a different budget, or delete that run.")
     if (run_dir / "results.json").exists():
         print(f"[skip] {run_dir.name}: finished", flush=True)
     else:
-        cmd = [sys.executable, "-m", "ssl_nb.cli", "fit", name, *flags, "--num-labels", str(labels), "--seed", str(seed),
-               "--run-dir", str(run_dir), "--resume", "true", "--no-progress", *shared]
+        run_dir.mkdir(parents=True, exist_ok=True); record.write_text(json.dumps(asked))
         print(f"[run ] {run_dir.name}: {shlex.join(cmd[1:])}", flush=True)
         t0 = time.time()
         log = run_dir.with_suffix(".log"); run_dir.parent.mkdir(parents=True, exist_ok=True)

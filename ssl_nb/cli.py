@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['algorithm']:>14} {r['dataset']}-{r['num_labels']} seed {r['seed']}: best top-1 "
                       f"{100 * r['best_top1']:.2f}% (step {r['best_step']}), last {100 * r['last_top1']:.2f}%{part}  "
                       f"[{r['run_dir']}]")
-    except SSLNBError as e:
-        print(f"ssl-nb: error: {e}", file=sys.stderr); return 2
+    except SSLNBError as e:          # under torchrun every process raises the same error: one of them says it
+        if os.environ.get("RANK", "0") == "0": print(f"ssl-nb: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 # %% ../nbs/07_cli.ipynb #6d249669

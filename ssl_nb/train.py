@@ -331,13 +331,13 @@ class MetricLogger:
     def __init__(self, run_dir: Path, device, enabled: bool = True, tensorboard: bool = True, start: int = 0):
         self.path, self.enabled, self.device = run_dir / "metrics.jsonl", enabled, device
         self.tb = None
-        if enabled and start > 0 and self.path.exists():      # resumed: drop the rows written after the checkpoint
+        if enabled and self.path.exists():      # resumed (or restarted before a checkpoint): drop rows after `start`
             rows = [json.dumps(r) + "\n" for r in _parse_rows(self.path) if r["step"] <= start]
             self.path.write_text("".join(rows))
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start > 0 else None)
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1)
             except ImportError: pass
         self.reset()
         self.bad_step = torch.full((), _NO_BAD_STEP, dtype=torch.long, device=device)
@@ -405,8 +405,10 @@ def _progress(total, initial, enabled):
                 mininterval=0.5 if sys.stderr.isatty() else 10.0, desc="train")
 
 # %% ../nbs/05_train.ipynb #69f71939
+# settings a resumed run may change: they change neither the numbers nor what the history means (`device`: the
+# checkpoint records the kind of device it was written on, and a resume on another kind is refused)
 _RESUME_FREE = {"run_dir", "resume", "device", "progress", "tensorboard", "num_workers", "eval_batch_size",
-                "eval_limit", "log_every", "ckpt_every", "eval_every", "data_root", "compile"}
+                "log_every", "ckpt_every", "eval_every", "data_root"}
 _CKPT_KEYS = ("step", "config", "model", "ema", "optimizer", "scheduler", "loader", "algorithm", "aug_rng", "cpu_rng",
               "best", "history")
 
@@ -415,7 +417,7 @@ def _config_diff(saved: dict, cfg: TrainConfig) -> list[str]:
     return [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if k not in _RESUME_FREE and saved.get(k) != now.get(k)]
 
-def _check_resumable(ck, path, cfg: TrainConfig, world_size: int):
+def _check_resumable(ck, path, cfg: TrainConfig, world_size: int, device_type: str | None = None):
     "Raise a CheckpointError unless `ck` is a complete checkpoint of this run's config and number of processes."
     missing = [k for k in _CKPT_KEYS if k not in ck] if isinstance(ck, dict) else list(_CKPT_KEYS)
     if missing:
@@ -424,6 +426,10 @@ def _check_resumable(ck, path, cfg: TrainConfig, world_size: int):
     diff = _config_diff(ck["config"], cfg)
     if diff: raise CheckpointError(f"{path} was written by a different config ({'; '.join(diff)}). Resume with the "
                                    f"same settings, or start a new run in another run_dir.")
+    if device_type and ck.get("device_type", device_type) != device_type:
+        raise CheckpointError(f"{path} was written on {ck['device_type']}, this run is on {device_type}: its random "
+                              f"streams and arithmetic (bf16 autocast on CUDA) do not carry over, so the resumed run "
+                              f"could not equal an uninterrupted one. Resume on {ck['device_type']}, or start a new run.")
     if len(ck["aug_rng"]) != world_size:
         raise CheckpointError(f"{path} was written by {len(ck['aug_rng'])} process(es), this run has {world_size}: the "
                               f"augmentation streams of each process are in the checkpoint, so resume with "
@@ -486,7 +492,7 @@ def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
     ck = None
     if ckpt_path is not None:                                 # checked before any data is loaded
         ck = load_checkpoint(ckpt_path, map_location="cpu")
-        _check_resumable(ck, ckpt_path, cfg, denv.world_size)
+        _check_resumable(ck, ckpt_path, cfg, denv.world_size, device.type)
     seed_everything(cfg.seed)                                  # identical initial weights on every process
     data = prepare_data(cfg)
     algo = algo_cls(cfg, data.num_classes, len(data.lb), len(data.ulb), data.in_chans, denv)
@@ -549,16 +555,23 @@ def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
                 f"{_last_good(run_dir)}. Lower lr (or add a warm-up), then resume=True to continue from the checkpoint.")
 
     def save(step):
-        state = {"format": "ssl_nb/1", "step": step, "config": cfg.to_dict(), "model": unwrap(model).state_dict(),
+        nonlocal pending_best
+        state = {"format": "ssl_nb/1", "step": step, "device_type": device.type, "config": cfg.to_dict(),
+                 "model": unwrap(model).state_dict(),
                  "ema": ema.module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "loader": loader.state_dict(), "algorithm": algo.state_dict(),
                  "aug_rng": _gather_state(aug_gen.get_state(), device),
                  "cpu_rng": _gather_state(torch.get_rng_state(), device),
                  "cuda_rng": _gather_state(torch.cuda.get_rng_state(device), device) if cuda else None,
                  "best": best, "history": history}
-        if denv.is_main: atomic_save(state, run_dir / "last.pt")
+        if denv.is_main:
+            # best.pt never runs ahead of last.pt: a run killed between the two would resume with an older `best`
+            # than the weights in best.pt
+            if pending_best is not None: atomic_save(pending_best, run_dir / "best.pt")
+            atomic_save(state, run_dir / "last.pt")
+        pending_best = None
 
-    final = None
+    final = pending_best = None
     last_eval = history[-1] if history else None
     unwrap(model).train()
     bar = logger = None
@@ -595,8 +608,9 @@ def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
                     history.append(last_eval)
                     if ev["top1"] > best["top1"]:
                         best = {"top1": ev["top1"], "step": done}
-                        atomic_save({"step": done, "config": cfg.to_dict(), "model": unwrap(model).state_dict(),
-                                     "ema": ema.module.state_dict(), "top1": ev["top1"]}, run_dir / "best.pt")
+                        pending_best = {"step": done, "config": cfg.to_dict(), "top1": ev["top1"],   # written by save()
+                                        "model": _cpu_copy(unwrap(model).state_dict()),
+                                        "ema": _cpu_copy(ema.module.state_dict())}
                     logger.write({"kind": "eval", "step": done, "top1": ev["top1"], "ece": ev["ece"], "best_top1": best["top1"]})
                 barrier()
             if is_ckpt: save(done)
@@ -615,9 +629,15 @@ def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
         box = [summary]; torch.distributed.broadcast_object_list(box, src=0); summary = box[0]
     res = FitResult(run_dir, cfg.to_dict(), summary["best"]["top1"], summary["best"]["step"], summary["top1"],
                     summary["ece"], summary["per_class"], summary["history"], final, len(data.test))
-    if denv.is_main: (run_dir / "results.json").write_text(json.dumps(res.summary(), indent=1))
+    if denv.is_main:                                          # atomically: grid.py reads its presence as "finished"
+        tmp = run_dir / "results.json.tmp"; tmp.write_text(json.dumps(res.summary(), indent=1))
+        os.replace(tmp, run_dir / "results.json")
     barrier()
     return res
+
+def _cpu_copy(state: dict) -> dict:
+    "A detached CPU copy of a state dict (kept until the next checkpoint writes it)."
+    return {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in state.items()}
 
 def _last_good(run_dir) -> str:
     "The last checkpoint of `run_dir` and its step, for error messages."

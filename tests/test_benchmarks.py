@@ -34,3 +34,13 @@ def test_paired_differences_by_seed(grid):
 def test_no_pairs_without_variants(grid):
     df = pd.DataFrame([_row("fixmatch", 40, 0, 0.6), _row("supervised", 40, 0, 0.5)])
     assert grid.paired(df, ["supervised", "fixmatch"]) is None
+
+
+def test_a_finished_run_with_other_flags_is_not_reused(grid, tmp_path):
+    "Re-running a grid with another budget into the same --out stops instead of tabulating the old runs."
+    run_dir = tmp_path / "fixmatch-40-s0"
+    run_dir.mkdir()
+    (run_dir / "grid_cmd.json").write_text('["ssl_nb.cli", "fit", "fixmatch", "--num-iters", "1000"]')
+    (run_dir / "results.json").write_text("{}")
+    with pytest.raises(SystemExit, match="was trained with other flags"):
+        grid.run_one("fixmatch", 40, 0, tmp_path, ["--num-iters", "500"], threads=1)

@@ -151,10 +151,36 @@ def test_killed_and_resumed_run_equals_uninterrupted(name, tmp_path):
 def test_resuming_a_finished_run_only_evaluates(tmp_path):
     cfg = tiny("supervised", tmp_path, num_iters=2, eval_every=2)
     first = fit(cfg)
-    before = sha(tmp_path / "last.pt")
+    before = [sha(tmp_path / f) for f in ("last.pt", "best.pt", "metrics.jsonl")]
     again = fit(dataclasses.replace(cfg, resume=True))
-    assert sha(tmp_path / "last.pt") == before
-    assert (again.best_top1, again.last_top1, again.history) == (first.best_top1, first.last_top1, first.history)
+    assert [sha(tmp_path / f) for f in ("last.pt", "best.pt", "metrics.jsonl")] == before
+    # the final evaluation is recomputed from the weights (history and best come from the checkpoint)
+    assert (again.last_top1, again.last_ece, again.per_class) == (first.last_top1, first.last_ece, first.per_class)
+
+
+def test_best_checkpoint_never_runs_ahead_of_the_last(tmp_path, monkeypatch):
+    "A new best found after the last checkpoint is written with the next checkpoint, not before it."
+    import ssl_nb.train as T
+    seen = []
+    def rising(*a, **k):                      # every evaluation is a new best
+        seen.append(1); return {"top1": len(seen) / 100, "ece": 0.0, "per_class": torch.zeros(10)}
+    monkeypatch.setattr(T, "evaluate", rising)
+    cfg = tiny("supervised", tmp_path, num_iters=6, eval_every=1, ckpt_every=4)
+    with pytest.raises(Killed): fit(cfg, callbacks=[kill_at(5)])        # killed after the (best) evaluation at step 5
+    last, best = load_checkpoint(tmp_path / "last.pt"), torch.load(tmp_path / "best.pt", weights_only=True)
+    assert last["step"] == best["step"] == 4 and last["best"] == {"top1": 0.04, "step": 4}
+    res = fit(dataclasses.replace(cfg, resume=True))
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == res.best_step == 6
+
+
+def test_restart_before_the_first_checkpoint_rewrites_the_log(tmp_path):
+    full = tiny("supervised", tmp_path / "full", num_iters=4, eval_every=2)
+    fit(full)
+    cfg = tiny("supervised", tmp_path / "killed", num_iters=4, eval_every=2, ckpt_every=4)
+    with pytest.raises(Killed): fit(cfg, callbacks=[kill_at(3)])
+    assert not (tmp_path / "killed" / "last.pt").exists() and metric_rows(tmp_path / "killed")
+    fit(dataclasses.replace(cfg, resume=True))                           # starts at step 0 again
+    assert_same(metric_rows(tmp_path / "full"), metric_rows(tmp_path / "killed"), "metrics.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -228,6 +254,16 @@ def test_resume_refuses_another_number_of_processes(finished_run, tmp_path):
     atomic_save(ck, tmp_path / "two.pt")
     with pytest.raises(CheckpointError, match=r"written by 2 process\(es\), this run has 1"):
         fit(dataclasses.replace(cfg, resume=str(tmp_path / "two.pt")))
+
+
+def test_resume_refuses_another_kind_of_device(finished_run, tmp_path):
+    cfg, d = finished_run
+    ck = load_checkpoint(d / "last.pt")
+    assert ck["device_type"] == "cpu"
+    ck["device_type"] = "cuda"
+    atomic_save(ck, tmp_path / "gpu.pt")
+    with pytest.raises(CheckpointError, match="was written on cuda, this run is on cpu"):
+        fit(dataclasses.replace(cfg, resume=str(tmp_path / "gpu.pt")))
 
 
 def test_new_run_into_a_folder_with_a_checkpoint_is_refused(finished_run):
