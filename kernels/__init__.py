@@ -34,12 +34,12 @@ def refixmatch_loss(logits_w: torch.Tensor, logits_s: torch.Tensor, threshold: f
 
 def sequencematch_loss(logits_w: torch.Tensor, logits_m: torch.Tensor, logits_s: torch.Tensor,
                        threshold: float = 0.95, T: float = 0.5, mask: torch.Tensor | None = None,
-                       low_conf_kl: bool = False):
+                       low_conf_kl: bool = False, kl_mask: str = "high"):
     "`ssl_nb.losses.sequencematch_loss`, fused in one Triton kernel on CUDA. Returns `(loss, mask)`."
     if backend(logits_s) == "torch":
-        return _L.sequencematch_loss(logits_w, logits_m, logits_s, threshold, T, mask, low_conf_kl)
+        return _L.sequencematch_loss(logits_w, logits_m, logits_s, threshold, T, mask, low_conf_kl, kl_mask)
     return module_for(logits_s, "_triton_losses").sequencematch_loss(
-        logits_w, logits_m, logits_s, threshold, T, mask, low_conf_kl)
+        logits_w, logits_m, logits_s, threshold, T, mask, low_conf_kl, kl_mask)
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

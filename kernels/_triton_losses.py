@@ -90,11 +90,13 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
                         HAS_M: tl.constexpr, HAS_MASK: tl.constexpr, LOW_CONF: tl.constexpr,
                         NEED_TW: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                         ROW_TILES: tl.constexpr, ONE_BLOCK: tl.constexpr, ALIGN: tl.constexpr,
-                        PREFETCH: tl.constexpr):
+                        PREFETCH: tl.constexpr, KL_MODE: tl.constexpr):
     """Rows [pid * ROW_TILES * BLOCK_R, ...): for each tile of BLOCK_R rows, the softmax statistics of every view, the
     pseudo-label, the masks, the row losses and the gradients (written now, scaled by grad_output in backward).
     ALIGN (a power of 2 the host found to divide C and the row strides) lets the compiler see that rows start on
     ALIGN-element boundaries and that the class mask is constant over ALIGN lanes: 16-byte vector loads and stores.
+    KL_MODE: which target rows SequenceMatch's three KLD terms keep: 0 confident (the authors' code), 1 unconfident,
+    2 all (`kl_mask` 'high' / 'low' / 'all'); the CE mask is the confident one whatever the mode.
     PREFETCH (ONE_BLOCK with ROW_TILES > 1): the loads of the next tile are issued before the current tile is
     computed, so that their memory latency overlaps the arithmetic and reductions of this one."""
     if ALIGN > 1:   # identities, written so that the compiler's alignment analysis can see them
@@ -175,9 +177,17 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
         g_wm = zero
         g_ms = zero
         if HAS_M:
-            g_ws += keep_w
-            g_wm = keep_w
-            g_ms = tl.where(1.0 / Zm >= threshold, 1.0, 0.0)
+            kl_w = keep_w
+            kl_m = tl.where(1.0 / Zm >= threshold, 1.0, 0.0)
+            if KL_MODE == 1:
+                kl_w = 1.0 - kl_w
+                kl_m = 1.0 - kl_m
+            if KL_MODE == 2:
+                kl_w = zero + 1.0
+                kl_m = zero + 1.0
+            g_ws += kl_w
+            g_wm = kl_w
+            g_ms = kl_m
         lZwT = tl.log(ZwT)
         lZm = tl.log(Zm)
         lZmT = tl.log(ZmT)
@@ -269,7 +279,7 @@ _PLANS: dict = {}
 MAX_PLANS = 512
 
 
-def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config) -> _Plan:
+def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config, kl_mode=0) -> _Plan:
     "Grid, block sizes, ALIGN and the buffers' layout for one key (validated arguments)."
     R, C = zs.shape
     sw, ss = zw.stride(), zs.stride()
@@ -280,7 +290,7 @@ def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config) -> _Plan:
     contiguous_cols = sw[1] == sm[1] == ss[1] == 1
     meta = dict(HAS_M=has_m, HAS_MASK=mask is not None, LOW_CONF=low_conf, NEED_TW=has_m or low_conf,
                 WRITE_GRAD=write_grad, BLOCK_R=BR, BLOCK_C=BC, ROW_TILES=RT, ONE_BLOCK=C <= BC,
-                PREFETCH=bool(cfg.get("PREFETCH", False)) and C <= BC and RT > 1,
+                PREFETCH=bool(cfg.get("PREFETCH", False)) and C <= BC and RT > 1, KL_MODE=kl_mode,
                 ALIGN=align(C, sw[0], sm[0], ss[0]) if contiguous_cols else 1, num_warps=cfg["num_warps"])
     p = _Plan()
     p.R, p.C, p.grid = R, C, cdiv(R, BR * RT)
@@ -329,9 +339,9 @@ def _execute(p: _Plan, zw, zm, zs, mask, threshold: float, inv_T: float):
     return (part if p.grid == 1 else part.sum()), mask, gm, gs, tuple(zip(grads, p.scales))
 
 
-def launch(zw, zm, zs, mask, threshold, T, has_m, low_conf, write_grad, config=None):
+def launch(zw, zm, zs, mask, threshold, T, has_m, low_conf, write_grad, config=None, kl_mode=0):
     "One uncached launch on validated arguments (used by `_aot`): (loss, mask, grad_m, grad_s, scales)."
-    p = _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config)
+    p = _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config, kl_mode)
     return _execute(p, zw, zm, zs, mask, float(threshold), 1.0 / T)
 
 
@@ -401,7 +411,7 @@ def _tk(t):
     return t.shape, t.stride(), t.dtype, t.get_device(), t.data_ptr() & 15
 
 
-def _loss(has_m, low_conf, zw, zm, zs, threshold, T, mask, config):
+def _loss(has_m, low_conf, zw, zm, zs, threshold, T, mask, config, kl_mode=0):
     """The hot path. A call whose key (shapes, strides, dtypes, devices, 16-byte alignment, flags) was validated
     before skips validation and reuses its plan; anything unusual (non-float scalars, T <= 0, a mask that is not a
     float32 tensor without grad, tensors that are not tensors) takes the checking path, which raises ConfigError."""
@@ -409,10 +419,9 @@ def _loss(has_m, low_conf, zw, zm, zs, threshold, T, mask, config):
     try:
         if type(threshold) is float and type(T) is float and T > 0.0:
             need_grad = (zs.requires_grad or (has_m and zm.requires_grad)) and _grad_enabled()
-            key = (has_m, low_conf, need_grad, _tk(zw), _tk(zs), _tk(zm) if has_m else None,
-                   None if mask is None else (_tk(mask) if mask.dtype is F32 and not mask.requires_grad else 0),
-                   None if config is None else tuple(config.items()))
-            if key[6] == 0: key = None
+            mk = None if mask is None else (_tk(mask) if mask.dtype is F32 and not mask.requires_grad else 0)
+            key = None if mk == 0 else (has_m, low_conf, kl_mode, need_grad, _tk(zw), _tk(zs),
+                                        _tk(zm) if has_m else None, mk, None if config is None else tuple(config.items()))
     except AttributeError:          # not tensors: the checking path says what is wrong
         key = None
     p = _PLANS.get(key) if key is not None else None
@@ -420,7 +429,7 @@ def _loss(has_m, low_conf, zw, zm, zs, threshold, T, mask, config):
         named = dict(logits_w=zw, logits_m=zm, logits_s=zs) if has_m else dict(logits_w=zw, logits_s=zs)
         threshold, T, mask = _validate(named, threshold, T, mask)
         need_grad = (zs.requires_grad or (has_m and zm.requires_grad)) and _grad_enabled()
-        p = _make_plan(zw, zm, zs, mask, has_m, low_conf, need_grad, config)
+        p = _make_plan(zw, zm, zs, mask, has_m, low_conf, need_grad, config, kl_mode)
         if key is not None:
             if len(_PLANS) >= MAX_PLANS: _PLANS.clear()
             _PLANS[key] = p
@@ -439,6 +448,11 @@ def refixmatch_loss(logits_w, logits_s, threshold=0.95, T=0.5, mask=None, *, _co
     return _loss(False, True, logits_w, None, logits_s, threshold, T, mask, _config)
 
 
-def sequencematch_loss(logits_w, logits_m, logits_s, threshold=0.95, T=0.5, mask=None, low_conf_kl=False, *,
-                       _config=None):
-    return _loss(True, bool(low_conf_kl), logits_w, logits_m, logits_s, threshold, T, mask, _config)
+_KL_MODES = {"high": 0, "low": 1, "all": 2}
+
+
+def sequencematch_loss(logits_w, logits_m, logits_s, threshold=0.95, T=0.5, mask=None, low_conf_kl=False,
+                       kl_mask="high", *, _config=None):
+    kl_mode = _KL_MODES.get(kl_mask) if isinstance(kl_mask, str) else None
+    if kl_mode is None: raise ConfigError(f"kl_mask must be one of {tuple(_KL_MODES)}; got {kl_mask!r}.")
+    return _loss(True, bool(low_conf_kl), logits_w, logits_m, logits_s, threshold, T, mask, _config, kl_mode)

@@ -92,7 +92,8 @@ def logits(R_, C, dtype, device, seed, boost=12.0, layout="contiguous"):
 
 # ------------------------------------------------------------------------------------------------------------ losses
 def check_loss(kind, R_, C, dtype, device, config=None, mask_mode=None, threshold=0.95, T=0.5, low_conf=False,
-               layout="contiguous", grad_scale=2.0, seed=0, grad_misaligned=False, tol=None, dtypes=None):
+               layout="contiguous", grad_scale=2.0, seed=0, grad_misaligned=False, tol=None, dtypes=None,
+               kl_mask=None):
     """One loss on one set of inputs: loss, mask and gradients (of grad_scale * loss) against ssl_nb.losses.
     grad_misaligned: grad_output is a 0-dim view 4 bytes past a 16-byte boundary (the backward's fallback path).
     tol: tolerances instead of TOL[dtype]; dtypes: one dtype per view (mixed dtypes), instead of `dtype` for all."""
@@ -110,6 +111,7 @@ def check_loss(kind, R_, C, dtype, device, config=None, mask_mode=None, threshol
     kw = dict(threshold=threshold, mask=mask)
     if kind != "fixmatch": kw["T"] = T
     if kind == "sequencematch": kw["low_conf_kl"] = low_conf
+    if kl_mask is not None: kw["kl_mask"] = kl_mask
     out = {}
     for impl in ("ref", "triton"):
         ins = [zs_[0]] + [z.detach().clone().requires_grad_() for z in zs_[1:]]
@@ -379,6 +381,7 @@ def check_errors(device):
         "mask shape": lambda: TLm.fixmatch_loss(z, z, mask=torch.ones(7, device=dev)),
         "tensor threshold": lambda: TLm.fixmatch_loss(z, z, threshold=torch.tensor(0.9)),
         "T <= 0": lambda: TLm.refixmatch_loss(z, z, T=0.0),
+        "kl_mask": lambda: TLm.sequencematch_loss(z, z, z, kl_mask="mid"),
         "no rows": lambda: TLm.fixmatch_loss(z[:0], z[:0]),
         "ids float": lambda: TT.gather_tokens(x, ids.float()),
         "ids rows": lambda: TT.gather_tokens(x, ids[:1]),
@@ -476,6 +479,10 @@ def cases(device: str) -> dict:
         "seq_mixed_dtypes": lambda: check_loss("sequencematch", 64, 100, f32, dev, seed=23,
                                                dtypes=[f32, bf16, f32], tol=TOL[bf16]),
         "seq_grad_of_grad_raises": lambda: check_grad_of_grad(dev),
+        # kl_mask: the KLD terms on the unconfident target rows, or on all rows (the CE mask stays the confident one)
+        "seq_klmask_low_bf16": lambda: check_loss("sequencematch", 200, 100, bf16, dev, seed=24, kl_mask="low"),
+        "seq_klmask_all_extmask": lambda: check_loss("sequencematch", 130, 1000, f32, dev, seed=25, kl_mask="all",
+                                                     mask_mode="external", low_conf=True),
         "seq_grad_out_1": lambda: check_loss("sequencematch", 128, 10, f32, dev, grad_scale=1.0, seed=13),
         "seq_multiblock_1000": lambda: check_loss("sequencematch", 64, 1000, f32, dev, seed=14, low_conf=True,
                                                   config=dict(BLOCK_C=256, BLOCK_R=16 if dev == "cpu" else 1,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .core import ConfigError, all_gather_cat
 
 # %% auto #0
-__all__ = ['pseudo_label', 'kl_from_logits', 'fixmatch_loss', 'low_confidence_kl', 'refixmatch_loss', 'masked_kl',
+__all__ = ['KL_MASKS', 'pseudo_label', 'kl_from_logits', 'fixmatch_loss', 'low_confidence_kl', 'refixmatch_loss', 'masked_kl',
            'sequencematch_loss', 'FlexMatchThreshold', 'dist_align_queue', 'DistAlignQueue', 'simmatch_loss',
            'simmatch_bank_update', 'comatch_smooth', 'comatch_graph', 'comatch_loss', 'comatch_queue_push']
 
@@ -66,22 +66,27 @@ def refixmatch_loss(logits_w: torch.Tensor, logits_s: torch.Tensor, threshold: f
     return loss_hi + low_confidence_kl(logits_w, logits_s, mask, T), mask
 
 # %% ../nbs/04_losses.ipynb #5fc92c82
-def masked_kl(logits_student: torch.Tensor, logits_target: torch.Tensor, threshold: float = 0.95, T: float = 0.5):
-    "KLD(student <- target): mean over rows of 1[max softmax(target) >= threshold] * KL(softmax(target/T) || softmax(student))."
+KL_MASKS = ("high", "low", "all")   # which target rows a KLD term keeps: confident (the authors' code), unconfident, all
+
+def masked_kl(logits_student: torch.Tensor, logits_target: torch.Tensor, threshold: float = 0.95, T: float = 0.5,
+              kl_mask: str = "high"):
+    "KLD(student <- target): mean over rows of 1[max softmax(target) >= threshold] * KL(softmax(target/T) || softmax(student)) (`kl_mask='high'`; 'low': < threshold; 'all': every row)."
     zt = logits_target.detach().float()
     keep = (zt.softmax(-1).amax(-1) >= threshold).float()
+    keep = {"high": keep, "low": 1 - keep, "all": torch.ones_like(keep)}[kl_mask]
     return (keep * kl_from_logits(logits_student, (zt / T).softmax(-1))).mean()
 
 def sequencematch_loss(logits_w: torch.Tensor, logits_m: torch.Tensor, logits_s: torch.Tensor,
                        threshold: float = 0.95, T: float = 0.5, mask: torch.Tensor | None = None,
-                       low_conf_kl: bool = False):
+                       low_conf_kl: bool = False, kl_mask: str = "high"):
     "SequenceMatch's unlabeled loss (authors' code) and the mask of its CE term."
     _check_logits(logits_w=logits_w, logits_m=logits_m, logits_s=logits_s)
     if T <= 0: raise ConfigError(f"T must be > 0; got {T}.")
+    if kl_mask not in KL_MASKS: raise ConfigError(f"kl_mask must be one of {KL_MASKS}; got {kl_mask!r}.")
     loss, mask = fixmatch_loss(logits_w, logits_s, threshold, mask)
     if low_conf_kl: loss = loss + low_confidence_kl(logits_w, logits_s, mask, T)
-    loss = (loss + masked_kl(logits_m, logits_w, threshold, T) + masked_kl(logits_s, logits_m, threshold, T)
-            + masked_kl(logits_s, logits_w, threshold, T))
+    kld = lambda a, t: masked_kl(a, t, threshold, T, kl_mask)
+    loss = loss + kld(logits_m, logits_w) + kld(logits_s, logits_m) + kld(logits_s, logits_w)
     return loss, mask
 
 # %% ../nbs/04_losses.ipynb #5768d8e9

@@ -11,6 +11,7 @@ import torch
 
 from .core import ALGORITHMS
 from .fixmatch import FixMatch, FixMatchConfig
+from .losses import KL_MASKS
 from .train import pseudo_label_stats
 from . import kernels
 
@@ -24,9 +25,15 @@ class SequenceMatchConfig(FixMatchConfig):
     algorithm: str = "sequencematch"
     use_flex: bool = True
     low_conf_kl: bool = False             # True: add ReFixMatch's low-confidence KL (the abstract's reading)
+    kl_mask: str = "high"                 # which target rows the KLD terms keep: "high" (the code), "low", "all"
     ra_position: str = "before"
 
     presets: ClassVar[dict] = {"cifar100-2500": {"batch_size": 32}}   # the authors' cifar100_2500 config
+
+    def check(self):
+        errs = super().check()
+        if self.kl_mask not in KL_MASKS: errs.append(f"kl_mask must be one of {KL_MASKS} (got {self.kl_mask!r})")
+        return errs
 
 @ALGORITHMS.register("sequencematch")
 class SequenceMatch(FixMatch):
@@ -41,7 +48,8 @@ class SequenceMatch(FixMatch):
                                                                batch["x_ulb_s"])
         sup = self.supervised_loss(logits_lb, batch["y_lb"])
         mask = self.ce_mask(logits_w, batch["idx_ulb"])
-        unsup, mask = kernels.sequencematch_loss(logits_w, logits_m, logits_s, c.p_cutoff, c.T, mask, c.low_conf_kl)
+        unsup, mask = kernels.sequencematch_loss(logits_w, logits_m, logits_s, c.p_cutoff, c.T, mask, c.low_conf_kl,
+                                                 c.kl_mask)
         logs = pseudo_label_stats(logits_w, mask, batch["y_ulb"])
         with torch.no_grad():
             for v, z in (("w", logits_w), ("m", logits_m), ("s", logits_s)):
