@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from .core import ConfigError, all_gather_cat
 
 # %% auto #0
-__all__ = ['KL_MASKS', 'pseudo_label', 'kl_from_logits', 'fixmatch_loss', 'low_confidence_kl', 'refixmatch_loss', 'masked_kl',
-           'sequencematch_loss', 'FlexMatchThreshold', 'dist_align_queue', 'DistAlignQueue', 'simmatch_loss',
-           'simmatch_bank_update', 'comatch_smooth', 'comatch_graph', 'comatch_loss', 'comatch_queue_push']
+__all__ = ['KL_MASKS', 'pseudo_label', 'kl_from_logits', 'soft_ce', 'fixmatch_loss', 'low_confidence_kl', 'refixmatch_loss',
+           'masked_kl', 'sequencematch_loss', 'FlexMatchThreshold', 'dist_align_queue', 'DistAlignQueue',
+           'simmatch_loss', 'simmatch_bank_update', 'comatch_smooth', 'comatch_graph', 'comatch_loss',
+           'comatch_queue_push']
 
 # %% ../nbs/04_losses.ipynb #c586bb6d
 def _check_logits(**named):
@@ -36,6 +37,10 @@ def pseudo_label(logits_w: torch.Tensor):
 def kl_from_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     "Per-row KL(target || softmax(logits)), computed in fp32; the gradient flows into `logits` only."
     return F.kl_div(logits.float().log_softmax(-1), target.detach().float(), reduction="none").sum(-1)
+
+def soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    "Per-row cross-entropy `-sum_c target_c log softmax(logits)_c` with a soft target, in fp32; no gradient to `target`."
+    return -(target.detach().float() * logits.float().log_softmax(-1)).sum(-1)
 
 def _mask_or_threshold(mask, conf, threshold):
     if mask is None: return (conf >= threshold).float()
@@ -183,10 +188,9 @@ def simmatch_loss(logits_s: torch.Tensor, feat_w: torch.Tensor, feat_s: torch.Te
             agg = torch.zeros_like(p_w).scatter_add_(1, lab, s_t)                     # aggregation [n, C]
             p_hat = p_w if first_epoch else alpha * p_w + (1 - alpha) * agg
             mask = (p_hat.amax(1) >= p_cutoff).float()
-        log_s_s = (feat_s.float() @ bank / T).log_softmax(1)
-        loss_in = -(t_in * log_s_s).sum(1).mean()
+        loss_in = soft_ce(feat_s.float() @ bank / T, t_in).mean()
         if first_epoch: loss_in = loss_in * 0.0                                      # as USB: the graph stays, the value is 0
-        loss_u = (mask * -(p_hat * logits_s.float().log_softmax(-1)).sum(-1)).mean()
+        loss_u = (mask * soft_ce(logits_s, p_hat)).mean()
     return loss_u, loss_in, {"mask": mask, "p_hat": p_hat, "t_in": t_in, "agg": agg, "s_t": s_t}
 
 # %% ../nbs/04_losses.ipynb #ecdc73b8
@@ -238,7 +242,7 @@ def comatch_loss(logits_s0: torch.Tensor, feat_s0: torch.Tensor, feat_s1: torch.
     with _fp32(feat_s0):
         p = probs_smoothed.detach().float()
         mask = (p.amax(1) >= p_cutoff).float()
-        loss_u = (mask * -(p * logits_s0.float().log_softmax(-1)).sum(-1)).mean()
+        loss_u = (mask * soft_ce(logits_s0, p)).mean()
         G = comatch_graph(p, contrast_p_cutoff)
         sim_probs = (feat_s0.float() @ feat_s1.float().t() / T).softmax(1)
         loss_c = -(G * torch.log(sim_probs + 1e-7)).sum(1).mean()
