@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 from .core import ALGORITHMS, all_gather_cat
-from .losses import DistAlignQueue, comatch_loss, comatch_queue_push, comatch_smooth
-from .models import EnsembleProjector, ModelWithProjector
-from .train import Algorithm, SSLConfig, pseudo_label_stats
+from .epass import ProjectorAlgorithm, ProjectorConfig
+from .losses import comatch_loss, comatch_queue_push, comatch_smooth
+from .train import pseudo_label_stats
 
 # %% auto #0
 __all__ = ['CoMatchConfig', 'CoMatchQueue', 'CoMatch']
@@ -23,18 +23,15 @@ _COMATCH_CLASSIC = dict(T=0.2, p_cutoff=0.95, contrast_p_cutoff=0.8, proj_size=6
                         da_len=32, smoothing_warmup_iters=1024)
 
 @dataclass
-class CoMatchConfig(SSLConfig):
+class CoMatchConfig(ProjectorConfig):
     "CoMatch (+ EPASS with num_projectors > 1). Defaults: the released classic configs on the CPU default."
     algorithm: str = "comatch"
     T: float = 0.2                      # temperature of the smoothing and of the contrastive similarities
     contrast_p_cutoff: float = 0.8      # graph edges below this are dropped
     contrast_loss_ratio: float = 1.0    # lambda_c
-    proj_size: int = 64                 # embedding size
-    num_projectors: int = 3             # 1: CoMatch; 3: CoMatch + EPASS (the released classic configs)
+    proj_size: int = 64                 # embedding size (SimMatch: 128)
     queue_batch: int = 5                # queue size in steps' worth of pushes
     queue_size: int | None = None       # None: queue_batch * (uratio + 1) * batch_size (ImageNet: 30000)
-    smoothing_alpha: float = 0.9        # alpha of the memory smoothing
-    da_len: int = 32                    # batch means kept for distribution alignment
     smoothing_warmup_iters: int = 100   # USB's first "epoch": no memory smoothing (1024 in the presets)
 
     presets: ClassVar[dict] = {
@@ -47,12 +44,10 @@ class CoMatchConfig(SSLConfig):
 
     def check(self):
         errs = super().check()
-        for k in ("proj_size", "num_projectors", "queue_batch", "da_len"):
-            if getattr(self, k) < 1: errs.append(f"{k} must be >= 1 (got {getattr(self, k)})")
+        if self.queue_batch < 1: errs.append(f"queue_batch must be >= 1 (got {self.queue_batch})")
         if self.queue_size is not None and self.queue_size < 1: errs.append(f"queue_size must be >= 1 or None (got {self.queue_size})")
         if not 0 <= self.contrast_p_cutoff <= 1: errs.append(f"contrast_p_cutoff must be in [0, 1] (got {self.contrast_p_cutoff})")
         if self.contrast_loss_ratio < 0: errs.append(f"contrast_loss_ratio must be >= 0 (got {self.contrast_loss_ratio})")
-        if not 0 <= self.smoothing_alpha <= 1: errs.append(f"smoothing_alpha must be in [0, 1] (got {self.smoothing_alpha})")
         if self.smoothing_warmup_iters < 0: errs.append(f"smoothing_warmup_iters must be >= 0 (got {self.smoothing_warmup_iters})")
         return errs
 
@@ -77,21 +72,15 @@ class CoMatchQueue(nn.Module):
 
 # %% ../nbs/comatch.ipynb #c06d721b
 @ALGORITHMS.register("comatch")
-class CoMatch(Algorithm):
+class CoMatch(ProjectorAlgorithm):
     "CoMatch (arXiv 2011.11183) as in USB/EPASS; `num_projectors=3` is CoMatch + EPASS (arXiv 2310.15764)."
     config_cls = CoMatchConfig
     views = {"x_lb": ("lb", "weak"), "x_ulb_w": ("ulb", "weak"), "x_ulb_s0": ("ulb", "strong"),
              "x_ulb_s1": ("ulb", "strong")}
 
     def __init__(self, cfg, num_classes, num_lb, num_ulb, *args, **kw):
-        super().__init__(cfg, num_classes, num_lb, num_ulb, *args, **kw)
-        self.dist_align = DistAlignQueue(num_classes, cfg.da_len)
+        super().__init__(cfg, num_classes, num_lb, num_ulb, *args, **kw)      # + model with projectors, DA queue
         self.queue = CoMatchQueue(cfg.resolved_queue_size, cfg.proj_size, num_classes)
-
-    def build_model(self) -> nn.Module:
-        backbone = super().build_model()
-        return ModelWithProjector(backbone, EnsembleProjector(backbone.num_features, self.cfg.proj_size,
-                                                              self.cfg.num_projectors))
 
     def train_step(self, batch):
         c = self.cfg

@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import ALGORITHMS, ConfigError, all_gather_cat
-from .losses import DistAlignQueue, simmatch_bank_update, simmatch_loss
-from .models import EnsembleProjector, ModelWithProjector
-from .train import Algorithm, SSLConfig, pseudo_label_stats
+from .epass import ProjectorAlgorithm, ProjectorConfig
+from .losses import simmatch_bank_update, simmatch_loss
+from .train import pseudo_label_stats
 
 # %% auto #0
 __all__ = ['SimMatchConfig', 'SimMatchBank', 'SimMatch']
@@ -24,15 +24,11 @@ _SIMMATCH_CLASSIC = dict(T=0.1, proj_size=128, da_len=32, smoothing_alpha=0.9, i
                          instance_warmup_iters=1024)
 
 @dataclass
-class SimMatchConfig(SSLConfig):
+class SimMatchConfig(ProjectorConfig):
     "SimMatch (+ EPASS with num_projectors > 1). Defaults: the released classic configs on the CPU default."
     algorithm: str = "simmatch"
     T: float = 0.1                      # temperature of the similarities to the bank
-    proj_size: int = 128                # embedding size
-    num_projectors: int = 3             # 1: SimMatch; 3: SimMatch + EPASS (the released configs)
     in_loss_ratio: float = 1.0          # lambda_in
-    smoothing_alpha: float = 0.9        # alpha of the label propagation
-    da_len: int = 32                    # batch means kept for distribution alignment
     bank_momentum: float = 0.7          # classic bank update: 0.7 * old + 0.3 * new
     bank_renorm: str = "code"           # "code": F.normalize along dim 1 of the [d, B] slice; "per_embedding": dim 0
     use_ema_teacher: bool = False       # True: the EMA model's embeddings replace the bank columns (ImageNet, STL-10)
@@ -47,10 +43,7 @@ class SimMatchConfig(SSLConfig):
 
     def check(self):
         errs = super().check()
-        for k in ("proj_size", "num_projectors", "da_len"):
-            if getattr(self, k) < 1: errs.append(f"{k} must be >= 1 (got {getattr(self, k)})")
         if self.in_loss_ratio < 0: errs.append(f"in_loss_ratio must be >= 0 (got {self.in_loss_ratio})")
-        if not 0 <= self.smoothing_alpha <= 1: errs.append(f"smoothing_alpha must be in [0, 1] (got {self.smoothing_alpha})")
         if not 0 <= self.bank_momentum < 1: errs.append(f"bank_momentum must be in [0, 1) (got {self.bank_momentum})")
         if self.bank_renorm not in ("code", "per_embedding"):
             errs.append(f"bank_renorm must be one of ('code', 'per_embedding') (got {self.bank_renorm!r})")
@@ -76,20 +69,14 @@ class SimMatchBank(nn.Module):
 
 # %% ../nbs/simmatch.ipynb #00b711b3
 @ALGORITHMS.register("simmatch")
-class SimMatch(Algorithm):
+class SimMatch(ProjectorAlgorithm):
     "SimMatch (arXiv 2203.06915) as in USB/EPASS; `num_projectors=3` is SimMatch + EPASS (arXiv 2310.15764)."
     config_cls = SimMatchConfig
     views = {"x_lb": ("lb", "weak"), "x_ulb_w": ("ulb", "weak"), "x_ulb_s": ("ulb", "strong")}
 
     def __init__(self, cfg, num_classes, num_lb, num_ulb, *args, **kw):
-        super().__init__(cfg, num_classes, num_lb, num_ulb, *args, **kw)
-        self.dist_align = DistAlignQueue(num_classes, cfg.da_len)
+        super().__init__(cfg, num_classes, num_lb, num_ulb, *args, **kw)      # + model with projectors, DA queue
         self.bank = SimMatchBank(cfg.proj_size, num_lb, cfg.bank_momentum, cfg.use_ema_teacher, cfg.bank_renorm)
-
-    def build_model(self) -> nn.Module:
-        backbone = super().build_model()
-        return ModelWithProjector(backbone, EnsembleProjector(backbone.num_features, self.cfg.proj_size,
-                                                              self.cfg.num_projectors))
 
     @torch.no_grad()
     def teacher_embedding(self, x: torch.Tensor) -> torch.Tensor:
