@@ -531,7 +531,11 @@ def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
         del ck
 
     if denv.enabled:
-        if cuda and cfg.sync_bn: model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cuda and cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            # the EMA copy too: SimMatch's EMA teacher runs it in training mode on every process, and USB runs the
+            # SyncBN model with the EMA weights there (evaluation is in eval mode: no collective)
+            ema.module = algo.ema_model = nn.SyncBatchNorm.convert_sync_batchnorm(ema.module)
         # TorchSSL's WRN leaves some bn1 layers out of the graph: both reference codebases use find_unused_parameters
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
                                                     find_unused_parameters=True)
