@@ -42,7 +42,7 @@ def run_one(spec, labels, seed, out: Path, shared: list[str], threads: int) -> d
         run_dir.mkdir(parents=True, exist_ok=True); record.write_text(json.dumps(asked))
         print(f"[run ] {run_dir.name}: {shlex.join(cmd[1:])}", flush=True)
         t0 = time.time()
-        log = run_dir.with_suffix(".log"); run_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = run_dir.with_suffix(".log")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         with open(log, "a") as f: rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         if rc: sys.exit(f"grid.py: {run_dir.name} failed (exit {rc}); see {log}. Re-run the same command to resume.")
@@ -118,10 +118,10 @@ def summarize(rows: list[dict], out: Path, order: list[str], argv: list[str], sh
     (out / "table.md").write_text("\n".join(md) + "\n")
     if t_total > 0 or not (out / "budget.md").exists():     # --summarize-only keeps the training run's record
         (out / "budget.md").write_text("\n".join([
-          f"command: python {shlex.join(argv)}", f"shared flags: {shlex.join(shared)}", f"budget: {json.dumps(budget)}",
-          f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
-          f"runs: {len(df)}, total wall time of the runs: {df['wall_s'].sum() / 3600:.2f} h "
-          f"(this invocation: {t_total / 3600:.2f} h)", f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}"]) + "\n")
+            f"command: python {shlex.join(argv)}", f"shared flags: {shlex.join(shared)}", f"budget: {json.dumps(budget)}",
+            f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
+            f"runs: {len(df)}, total wall time of the runs: {df['wall_s'].sum() / 3600:.2f} h "
+            f"(this invocation: {t_total / 3600:.2f} h)", f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}"]) + "\n")
     labels = sorted(df["num_labels"].unique())
     fig, axs = plt.subplots(1, len(labels), figsize=(4.5 * len(labels), 3.4), squeeze=False)
     for ax, n in zip(axs[0], labels):

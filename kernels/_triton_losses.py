@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ssl_nb.core import ConfigError
-from ssl_nb.losses import _check_logits
+from ssl_nb.losses import KL_MASKS, _check_logits
 
 from ._launch import Launcher
 from ._runtime import align, is_interpreted, cdiv, first_order_only, next_pow2
@@ -133,17 +133,16 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
             else:
                 zw = _load_tile(zw_ptr, rows, s_wr, cols, s_wc, m2, NEG)
                 zs = _load_tile(zs_ptr, rows, s_sr, cols, s_sc, m2, NEG)
+                zm = zs
+                if HAS_M:
+                    zm = _load_tile(zm_ptr, rows, s_mr, cols, s_mc, m2, NEG)
             label = tl.argmax(zw, axis=1).to(tl.int32)
             mw, ew, Zw, ewT, ZwT = _softmax_tile(zw, inv_T, NEED_TW)
             ms, es, Zs, _e, _z = _softmax_tile(zs, inv_T, False)
             p_s = es * (1.0 / Zs)[:, None]
             t_w = ewT * (1.0 / ZwT)[:, None]
-            if not PREFETCH:
-                zm = zs
             mm, Zm, ZmT, p_m, t_m = ms, Zs, Zs, p_s, p_s
             if HAS_M:
-                if not PREFETCH:
-                    zm = _load_tile(zm_ptr, rows, s_mr, cols, s_mc, m2, NEG)
                 mm, em, Zm, emT, ZmT = _softmax_tile(zm, inv_T, True)
                 p_m = em * (1.0 / Zm)[:, None]
                 t_m = emT * (1.0 / ZmT)[:, None]
@@ -250,8 +249,7 @@ _grad_enabled = torch.is_grad_enabled
 def pick_config(R: int, C: int, interpret: bool = INTERPRETED, views: int = 3) -> dict:
     """Block sizes. GPU: one row per tile from C ~ 1000 up (Liger's layout; 16 prefetched rows per program for large
     batches), several rows per tile for small C, and a single program (no partial-sum launch) when the whole batch is
-    <= 4 tiles. Interpreter: large blocks, since
-    each program instance costs milliseconds."""
+    <= 4 tiles. Interpreter: large blocks, since each program instance costs milliseconds."""
     BLOCK_C = max(16, min(next_pow2(C), MAX_BLOCK_C))
     if interpret:
         BLOCK_R = min(next_pow2(R), max(1, 32768 // BLOCK_C))
@@ -448,7 +446,7 @@ def refixmatch_loss(logits_w, logits_s, threshold=0.95, T=0.5, mask=None, *, _co
     return _loss(False, True, logits_w, None, logits_s, threshold, T, mask, _config)
 
 
-_KL_MODES = {"high": 0, "low": 1, "all": 2}
+_KL_MODES = {m: i for i, m in enumerate(KL_MASKS)}      # the kernel's KL_MODE: 0 high, 1 low, 2 all
 
 
 def sequencematch_loss(logits_w, logits_m, logits_s, threshold=0.95, T=0.5, mask=None, low_conf_kl=False,

@@ -38,7 +38,10 @@ import torch
 COPY_KEY = "copy_TBps"
 # other layouts of the SequenceMatch kernel timed at C >= 1000, to tune pick_config: BLOCK_R rows per tile, num_warps,
 # ROW_TILES tiles per program, PREFETCH (the next tile's loads issued before this tile's math)
-TUNING_VARIANTS = (dict(BLOCK_R=1, num_warps=2), dict(BLOCK_R=1, num_warps=8), dict(BLOCK_R=2, num_warps=4),
+# (each variant names ROW_TILES and PREFETCH itself: `_config` is merged over pick_config's choice for the shape)
+TUNING_VARIANTS = (dict(BLOCK_R=1, num_warps=2, ROW_TILES=1, PREFETCH=False),
+                   dict(BLOCK_R=1, num_warps=8, ROW_TILES=1, PREFETCH=False),
+                   dict(BLOCK_R=2, num_warps=4, ROW_TILES=1, PREFETCH=False),
                    dict(BLOCK_R=1, num_warps=4, ROW_TILES=4, PREFETCH=True),
                    dict(BLOCK_R=1, num_warps=4, ROW_TILES=16, PREFETCH=True),
                    dict(BLOCK_R=1, num_warps=8, ROW_TILES=8, PREFETCH=True))
@@ -204,7 +207,7 @@ class Bench:
                     # other layouts than the default (1 row / 4 warps per program), to tune pick_config on this GPU
                     from . import _triton_losses as TL
                     for cfg in TUNING_VARIANTS:
-                        name = ",".join(k if v is True else f"{k}={v}" for k, v in cfg.items())
+                        name = ",".join(k if v is True else f"{k}={v}" for k, v in cfg.items() if v is not False)
                         impls.append((f"triton[{name}]", lambda *a, cfg=cfg: TL.sequencematch_loss(*a, _config=cfg)))
                 if compiled_only:
                     if not self.compile_ok(f"{kind} {shape}"): continue

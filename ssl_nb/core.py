@@ -15,8 +15,8 @@ import torch.distributed as dist
 # %% auto #0
 __all__ = ['ALGORITHMS', 'SSLNBError', 'ConfigError', 'DataError', 'CheckpointError', 'NonFiniteLossError', 'Registry',
            'seed_everything', 'get_device', 'autocast', 'project_root', 'resolve_run_dir', 'atomic_save',
-           'load_checkpoint', 'DistEnv', 'init_distributed', 'is_dist', 'all_gather_cat', 'all_reduce_mean', 'barrier',
-           'unwrap']
+           'atomic_write_text', 'load_checkpoint', 'DistEnv', 'init_distributed', 'is_dist', 'all_gather_cat',
+           'all_reduce_mean', 'barrier', 'unwrap']
 
 # %% ../nbs/00_core.ipynb #c1a444f6
 class SSLNBError(Exception):
@@ -117,18 +117,26 @@ def resolve_run_dir(run_dir: str | Path) -> Path:
     return (project_root() or Path.cwd()) / p
 
 # %% ../nbs/00_core.ipynb #4fc73a70
-def atomic_save(obj, path: str | Path) -> Path:
-    "`torch.save` to a temporary file next to `path`, fsync, then rename over `path`."
+def _atomic_write(path: str | Path, write) -> Path:
+    "`write(f)` into a temporary file next to `path`, fsync, then rename over `path`: readers see the old or the new file."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+            write(f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
     return path
+
+def atomic_save(obj, path: str | Path) -> Path:
+    "`torch.save` to `path` atomically (temporary file, fsync, rename)."
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    "Write `text` (UTF-8) to `path` atomically, as `atomic_save`."
+    return _atomic_write(path, lambda f: f.write(text.encode()))
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     "Load a checkpoint written by `atomic_save` (weights only); a missing or corrupt file raises `CheckpointError`."

@@ -78,7 +78,8 @@ def masked_kl(logits_student: torch.Tensor, logits_target: torch.Tensor, thresho
     "KLD(student <- target): mean over rows of 1[max softmax(target) >= threshold] * KL(softmax(target/T) || softmax(student)) (`kl_mask='high'`; 'low': < threshold; 'all': every row)."
     zt = logits_target.detach().float()
     keep = (zt.softmax(-1).amax(-1) >= threshold).float()
-    keep = {"high": keep, "low": 1 - keep, "all": torch.ones_like(keep)}[kl_mask]
+    if kl_mask == "low": keep = 1 - keep
+    elif kl_mask == "all": keep = torch.ones_like(keep)
     return (keep * kl_from_logits(logits_student, (zt / T).softmax(-1))).mean()
 
 def sequencematch_loss(logits_w: torch.Tensor, logits_m: torch.Tensor, logits_s: torch.Tensor,

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #bee9e2cd
 from __future__ import annotations
-import copy, dataclasses, difflib, json, math, os, sys, time, types, typing
+import copy, dataclasses, difflib, json, math, sys, time, types, typing
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import ClassVar
@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import (ALGORITHMS, CheckpointError, ConfigError, NonFiniteLossError, DistEnv, all_reduce_mean, is_dist,
-                         atomic_save, autocast, barrier, get_device, init_distributed, load_checkpoint,
-                         resolve_run_dir, seed_everything, unwrap)
+                         atomic_save, atomic_write_text, autocast, barrier, get_device, init_distributed,
+                         load_checkpoint, resolve_run_dir, seed_everything, unwrap)
 from .data import DATASETS, SSLLoader, load_dataset, split_labeled
 from .augment import make_views
 from .models import MODELS, create as create_model, param_groups
@@ -333,7 +333,7 @@ class MetricLogger:
         self.tb = None
         if enabled and self.path.exists():      # resumed (or restarted before a checkpoint): drop rows after `start`
             rows = [json.dumps(r) + "\n" for r in _parse_rows(self.path) if r["step"] <= start]
-            self.path.write_text("".join(rows))
+            atomic_write_text("".join(rows), self.path)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -634,8 +634,7 @@ def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
     res = FitResult(run_dir, cfg.to_dict(), summary["best"]["top1"], summary["best"]["step"], summary["top1"],
                     summary["ece"], summary["per_class"], summary["history"], final, len(data.test))
     if denv.is_main:                                          # atomically: grid.py reads its presence as "finished"
-        tmp = run_dir / "results.json.tmp"; tmp.write_text(json.dumps(res.summary(), indent=1))
-        os.replace(tmp, run_dir / "results.json")
+        atomic_write_text(json.dumps(res.summary(), indent=1), run_dir / "results.json")
     barrier()
     return res
 
