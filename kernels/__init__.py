@@ -10,8 +10,12 @@ import torch
 
 from ssl_nb import losses as _L
 
+from . import _compile
 from ._runtime import backend, module_for
+from ._validate import kl_mode_of
 from .reference import gather_tokens_ref, masked_patch_mse_ref, patchify, scatter_tokens_ref
+
+_compiling = torch.compiler.is_compiling   # under torch.compile the Triton paths go through torch.ops.ssl_nb (_compile.py)
 
 __all__ = ["fixmatch_loss", "refixmatch_loss", "sequencematch_loss", "gather_tokens", "scatter_tokens",
            "masked_patch_mse", "backend", "gather_tokens_ref", "scatter_tokens_ref", "masked_patch_mse_ref",
@@ -22,6 +26,7 @@ def fixmatch_loss(logits_w: torch.Tensor, logits_s: torch.Tensor, threshold: flo
                   mask: torch.Tensor | None = None):
     "`ssl_nb.losses.fixmatch_loss`, fused in one Triton kernel on CUDA. Returns `(loss, mask)`."
     if backend(logits_s) == "torch": return _L.fixmatch_loss(logits_w, logits_s, threshold, mask)
+    if _compiling(): return _compile.loss(logits_w, None, logits_s, threshold, 1.0, mask, False, 0)
     return module_for(logits_s, "_triton_losses").fixmatch_loss(logits_w, logits_s, threshold, mask)
 
 
@@ -29,6 +34,7 @@ def refixmatch_loss(logits_w: torch.Tensor, logits_s: torch.Tensor, threshold: f
                     mask: torch.Tensor | None = None):
     "`ssl_nb.losses.refixmatch_loss`, fused in one Triton kernel on CUDA. Returns `(loss, mask)`."
     if backend(logits_s) == "torch": return _L.refixmatch_loss(logits_w, logits_s, threshold, T, mask)
+    if _compiling(): return _compile.loss(logits_w, None, logits_s, threshold, T, mask, True, 0)
     return module_for(logits_s, "_triton_losses").refixmatch_loss(logits_w, logits_s, threshold, T, mask)
 
 
@@ -38,6 +44,8 @@ def sequencematch_loss(logits_w: torch.Tensor, logits_m: torch.Tensor, logits_s:
     "`ssl_nb.losses.sequencematch_loss`, fused in one Triton kernel on CUDA. Returns `(loss, mask)`."
     if backend(logits_s) == "torch":
         return _L.sequencematch_loss(logits_w, logits_m, logits_s, threshold, T, mask, low_conf_kl, kl_mask)
+    if _compiling():
+        return _compile.loss(logits_w, logits_m, logits_s, threshold, T, mask, bool(low_conf_kl), kl_mode_of(kl_mask))
     return module_for(logits_s, "_triton_losses").sequencematch_loss(
         logits_w, logits_m, logits_s, threshold, T, mask, low_conf_kl, kl_mask)
 
@@ -51,6 +59,7 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         from ._validate import check_gather
         check_gather(x, ids)
         return gather_tokens_ref(x, ids)
+    if _compiling(): return _compile.gather_tokens(x, ids)
     return module_for(x, "_triton_tokens").gather_tokens(x, ids)
 
 
@@ -62,6 +71,7 @@ def scatter_tokens(tokens: torch.Tensor, ids: torch.Tensor, N: int, fill: torch.
         from ._validate import check_scatter
         check_scatter(tokens, ids, N, fill)
         return scatter_tokens_ref(tokens, ids, N, fill)
+    if _compiling(): return _compile.scatter_tokens(tokens, ids, N, fill)
     return module_for(tokens, "_triton_tokens").scatter_tokens(tokens, ids, N, fill)
 
 
@@ -74,4 +84,5 @@ def masked_patch_mse(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor,
         from ._validate import check_mae
         check_mae(pred, imgs, mask, patch_size)
         return masked_patch_mse_ref(pred, imgs, mask, patch_size, norm_pix)
+    if _compiling(): return _compile.masked_patch_mse(pred, imgs, mask, patch_size, norm_pix)
     return module_for(pred, "_triton_mae").masked_patch_mse(pred, imgs, mask, patch_size, norm_pix)

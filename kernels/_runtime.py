@@ -73,6 +73,11 @@ def first_order_only(op: str):
                            f"double backward); set SSL_NB_KERNELS=torch for higher-order gradients.")
 
 
+def fill_grad(part: torch.Tensor, shape, dtype) -> torch.Tensor:
+    "`scatter_tokens`' fill-token gradient from its fp32 per-sample partials [B, D], in the fill's dtype and shape."
+    return part.sum(0).to(dtype).view(shape)
+
+
 def is_interpreted(kernel) -> bool:
     "True when `kernel` and triton's own library functions (tl.max, tl.sum, ...) all run in the interpreter."
     import triton.language as tl

@@ -4,21 +4,17 @@ Imported lazily by `ssl_nb.kernels` (see `_runtime.triton_module`): importing th
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 import triton
 import triton.language as tl
 
-from ssl_nb.core import ConfigError
-from ssl_nb.losses import KL_MASKS, _check_logits
 
 from ._launch import Launcher
 from ._runtime import align, is_interpreted, cdiv, first_order_only, next_pow2
+from ._validate import check_losses, kl_mode_of
 
 NEG = tl.constexpr(-1.0e30)   # padding logit: exp(NEG - max) == 0, and NEG * 0 == 0 (no inf * 0 NaN)
 MAX_BLOCK_C = 4096     # wider rows loop over class blocks (two passes: online statistics, then terms + gradients)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
@@ -277,7 +273,7 @@ _PLANS: dict = {}
 MAX_PLANS = 512
 
 
-def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config, kl_mode=0) -> _Plan:
+def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config, kl_mode=0, separate=False) -> _Plan:
     "Grid, block sizes, ALIGN and the buffers' layout for one key (validated arguments)."
     R, C = zs.shape
     sw, ss = zw.stride(), zs.stride()
@@ -302,7 +298,7 @@ def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config, kl_mode=0)
     grad_dtype = lambda dt: F32 if dt is torch.float16 else dt
     p.dt_s, p.dt_m = grad_dtype(zs.dtype), (grad_dtype(zm.dtype) if has_m else None)
     # gradients: one [2, R, C] buffer (medium, strong) when the dtypes agree, so that backward is one launch
-    p.buf = 0 if not write_grad else (1 if has_m and p.dt_m == p.dt_s else 2)
+    p.buf = 0 if not write_grad else (1 if has_m and p.dt_m == p.dt_s and not separate else 2)
     p.part_shape = (p.grid,) if p.grid > 1 else ()
     # backward: one in-place scale per gradient tensor (the [2, R, C] buffer, or grad_s and grad_m)
     sizes = [] if not write_grad else [2 * R * C] if p.buf == 1 else [R * C] * (1 + has_m)
@@ -370,71 +366,57 @@ class _ConsistencyLoss(torch.autograd.Function):
         return gm, gs, None
 
 
-# ------------------------------------------------------------------------------------------------------ validation
-def _number(name, v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise ConfigError(f"{name} must be a Python number for the Triton kernels; got {type(v).__name__}. "
-                          f"(A per-row or per-class threshold, as in FlexMatch, goes in `mask`.)")
-    return float(v)
-
-
-def _validate(named: dict, threshold, T, mask):
-    "Every check the kernel needs, before anything launches: shapes, dtypes, devices, scalars, the external mask."
-    for k, v in named.items():
-        if not isinstance(v, torch.Tensor):
-            raise ConfigError(f"{k} must be a torch.Tensor; got {type(v).__name__}.")
-    _check_logits(**named)
-    z0 = next(iter(named.values()))
-    for k, v in named.items():
-        if v.device != z0.device:
-            raise ConfigError(f"all logits must be on one device; {k} is on {v.device}, not {z0.device}.")
-        if v.dtype not in DTYPES:
-            raise ConfigError(f"{k} has dtype {v.dtype}; the Triton kernels take float32, bfloat16 or float16 "
-                              f"logits (cast them, or set SSL_NB_KERNELS=torch).")
-    R, C = z0.shape
-    if R == 0 or C == 0: raise ConfigError(f"logits have shape {(R, C)}; the loss needs at least one row and class.")
-    threshold = _number("threshold", threshold)
-    T = _number("T", T)
-    if not T > 0: raise ConfigError(f"T must be > 0; got {T}.")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor): raise ConfigError(f"mask must be a tensor; got {type(mask).__name__}.")
-        if tuple(mask.shape) != (R,): raise ConfigError(f"mask must have shape {(R,)}; got {tuple(mask.shape)}.")
-        if mask.device != z0.device: raise ConfigError(f"mask is on {mask.device} but the logits are on {z0.device}.")
-        mask = mask.detach().float()
-    return threshold, T, mask
-
-
+# ---------------------------------------------------------------------------------------------------- host path
 def _tk(t):
     "The part of a launcher key that one tensor contributes (all that triton specialises on, and validity)."
     return t.shape, t.stride(), t.dtype, t.get_device(), t.data_ptr() & 15
 
 
-def _loss(has_m, low_conf, zw, zm, zs, threshold, T, mask, config, kl_mode=0):
-    """The hot path. A call whose key (shapes, strides, dtypes, devices, 16-byte alignment, flags) was validated
-    before skips validation and reuses its plan; anything unusual (non-float scalars, T <= 0, a mask that is not a
-    float32 tensor without grad, tensors that are not tensors) takes the checking path, which raises ConfigError."""
+def _plan(has_m, low_conf, zw, zm, zs, threshold, T, mask, config, kl_mode, need_grad, separate):
+    """The plan of a call and its checked scalars and mask: (plan, threshold, T, mask). A call whose key (shapes,
+    strides, dtypes, devices, 16-byte alignment, flags) was validated before skips validation and reuses its plan;
+    anything unusual (non-float scalars, T <= 0, a mask that is not a float32 tensor without grad, tensors that are
+    not tensors) takes the checking path, which raises ConfigError. `separate`: one gradient buffer per view
+    (`torch.compile`'s custom op, whose outputs may not alias each other) instead of one [2, R, C] buffer."""
     key = None
     try:
         if type(threshold) is float and type(T) is float and T > 0.0:
-            need_grad = (zs.requires_grad or (has_m and zm.requires_grad)) and _grad_enabled()
             mk = None if mask is None else (_tk(mask) if mask.dtype is F32 and not mask.requires_grad else 0)
-            key = None if mk == 0 else (has_m, low_conf, kl_mode, need_grad, _tk(zw), _tk(zs),
+            key = None if mk == 0 else (has_m, low_conf, kl_mode, need_grad, separate, _tk(zw), _tk(zs),
                                         _tk(zm) if has_m else None, mk, None if config is None else tuple(config.items()))
     except AttributeError:          # not tensors: the checking path says what is wrong
         key = None
     p = _PLANS.get(key) if key is not None else None
     if p is None:
         named = dict(logits_w=zw, logits_m=zm, logits_s=zs) if has_m else dict(logits_w=zw, logits_s=zs)
-        threshold, T, mask = _validate(named, threshold, T, mask)
-        need_grad = (zs.requires_grad or (has_m and zm.requires_grad)) and _grad_enabled()
-        p = _make_plan(zw, zm, zs, mask, has_m, low_conf, need_grad, config, kl_mode)
+        threshold, T, mask = check_losses(named, threshold, T, mask)
+        p = _make_plan(zw, zm, zs, mask, has_m, low_conf, need_grad, config, kl_mode, separate)
         if key is not None:
             if len(_PLANS) >= MAX_PLANS: _PLANS.clear()
             _PLANS[key] = p
+    return p, threshold, T, mask
+
+
+def _loss(has_m, low_conf, zw, zm, zs, threshold, T, mask, config, kl_mode=0):
+    "The eager hot path: the plan, one launch, and the minimal autograd node that carries the gradients."
+    try:
+        need_grad = (zs.requires_grad or (has_m and zm.requires_grad)) and _grad_enabled()
+    except AttributeError:
+        need_grad = False           # not tensors: the checks in _plan say what is wrong
+    p, threshold, T, mask = _plan(has_m, low_conf, zw, zm, zs, threshold, T, mask, config, kl_mode, need_grad, False)
     loss, mask, gm, gs, scales = _execute(p, zw, zm, zs, mask, threshold, 1.0 / T)
     if p.write_grad:
         loss = _ConsistencyLoss.apply(zm if has_m else None, zs, (loss, scales, gm, gs))
     return loss, mask
+
+
+def op_forward(zw, zm, zs, mask, threshold, T, low_conf, kl_mode, write_grad):
+    """The body of the `ssl_nb::consistency_loss` custom op (`_compile.py`): (loss, CE mask or None when `mask` was
+    given, gradient of the medium view or None, gradient of the strong view or None), for grad_output = 1."""
+    has_m = zm is not None
+    p, threshold, T, mask = _plan(has_m, low_conf, zw, zm, zs, threshold, T, mask, None, kl_mode, write_grad, True)
+    loss, mask_out, gm, gs, _ = _execute(p, zw, zm, zs, mask, threshold, 1.0 / T)
+    return loss, (mask_out if mask is None else None), gm, gs
 
 
 # ----------------------------------------------------------------------------------------------------------- API
@@ -446,11 +428,7 @@ def refixmatch_loss(logits_w, logits_s, threshold=0.95, T=0.5, mask=None, *, _co
     return _loss(False, True, logits_w, None, logits_s, threshold, T, mask, _config)
 
 
-_KL_MODES = {m: i for i, m in enumerate(KL_MASKS)}      # the kernel's KL_MODE: 0 high, 1 low, 2 all
-
-
 def sequencematch_loss(logits_w, logits_m, logits_s, threshold=0.95, T=0.5, mask=None, low_conf_kl=False,
                        kl_mask="high", *, _config=None):
-    kl_mode = _KL_MODES.get(kl_mask) if isinstance(kl_mask, str) else None
-    if kl_mode is None: raise ConfigError(f"kl_mask must be one of {tuple(_KL_MODES)}; got {kl_mask!r}.")
-    return _loss(True, bool(low_conf_kl), logits_w, logits_m, logits_s, threshold, T, mask, _config, kl_mode)
+    return _loss(True, bool(low_conf_kl), logits_w, logits_m, logits_s, threshold, T, mask, _config,
+                 kl_mode_of(kl_mask))

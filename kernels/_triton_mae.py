@@ -5,12 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ssl_nb.core import ConfigError
-
 from ._runtime import align, is_interpreted, cdiv, first_order_only, next_pow2
-from ._validate import check_mae
-
-MAX_E = 8192     # one patch (p*p*C values) is held in registers: 16x16x3 = 768, 32x32x3 = 3072
+from ._validate import check_mae_fused
 
 
 @triton.jit(do_not_specialize=["R", "L", "Wp", "E"])
@@ -109,11 +105,7 @@ class _MaskedPatchMSE(torch.autograd.Function):
 
 
 def masked_patch_mse(pred, imgs, mask, patch_size, norm_pix=True, *, _config=None):
-    B, C, H, W, p, L, E = check_mae(pred, imgs, mask, patch_size)
-    if E > MAX_E:
-        raise ConfigError(f"patches of {p}x{p}x{C} = {E} values exceed the fused kernel's limit of {MAX_E}; "
-                          f"use SSL_NB_KERNELS=torch for this loss.")
-    if norm_pix and E < 2: raise ConfigError("norm_pix needs patches of at least 2 values (unbiased variance).")
+    p = check_mae_fused(pred, imgs, mask, patch_size, norm_pix)[4]
     imgs, mask = imgs.detach(), mask.detach()
     if torch.is_grad_enabled() and pred.requires_grad:
         return _MaskedPatchMSE.apply(pred, imgs, mask, p, bool(norm_pix), _config)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Launcher
-from ._runtime import align, is_interpreted, cdiv, first_order_only, next_pow2
+from ._runtime import align, is_interpreted, cdiv, fill_grad, first_order_only, next_pow2
 from ._validate import check_gather, check_ids_values, check_scatter
 from .reference import gather_tokens_ref, scatter_tokens_ref
 
@@ -274,10 +274,85 @@ def scatter_grads(g, ids, inv, need_tokens, need_fill, config=None):
     return gt, part
 
 
+# ------------------------------------------------------------------------------------- cached launches (hot paths)
+def _gather_fwd(x, ids, need_grad, config):
+    """`out[b, k] = x[b, ids[b, k]]` and, when need_grad, the inverse index for the backward: (out, inv or None,
+    (B, N, K, D)), or None when there is nothing to launch (an empty output). A call whose key (shapes, strides,
+    dtypes, devices, 16-byte alignment, grad mode) was validated before skips the checks (except the value checks of
+    CPU ids, which run on every call) and reuses its launcher."""
+    try:
+        key = ("gather", _tk(x), _tk(ids), need_grad, _ck(config))
+    except AttributeError:          # not tensors: the checks say what is wrong
+        key = None
+    ent = _CACHE.get(key) if key is not None else None
+    if ent is None:
+        B, N, D, K = check_gather(x, ids, distinct=True)
+        if B * K * D == 0: return None
+        L, tail = _gather_launcher(x, ids, 1 if need_grad else 0, True, config)
+        ent = _cache(key, (L, tail, (B, N, K, D), x.device))
+    elif ids.get_device() < 0:
+        check_ids_values(ids, ent[2][1], True)
+    L, tail, dims, dev = ent
+    B, N, K, D = dims
+    out = torch.empty((B, K, D), dtype=x.dtype, device=dev)
+    inv = torch.empty((B, N), dtype=I32, device=dev) if need_grad else None
+    L(x, ids, out, ids if inv is None else inv, out, *tail)
+    return out, inv, dims
+
+
+def gather_backward(g, inv, N, config=None):
+    "`grad_x[b, n] = g[b, inv[b, n]]`, 0 where inv < 0: [B, N, D] in g's dtype."
+    key = ("gather_bwd", _tk(g), N, _ck(config))
+    ent = _CACHE.get(key)
+    if ent is None: ent = _cache(key, _take_launcher(g, inv, N, True, False, False, 0, config))
+    L, tail = ent
+    B, K, D = g.shape
+    gx = torch.empty((B, N, D), dtype=g.dtype, device=g.device)
+    L(g, inv, inv, inv, gx, *tail)
+    return gx
+
+
+def _scatter_fwd(tokens, ids, N, fill, need_grad, need_f, config):
+    """The scatter forward and, when need_f, the inverse index the fill gradient needs: (out, inv or None), or None
+    when there is nothing to launch. Cached as `_gather_fwd`."""
+    try:
+        if type(N) is not int: raise AttributeError
+        key = ("scatter", _tk(tokens), _tk(ids), _tk(fill), N, need_grad, need_f, _ck(config))
+    except AttributeError:
+        key = None
+    ent = _CACHE.get(key) if key is not None else None
+    if ent is None:
+        B, N, D, K = check_scatter(tokens, ids, N, fill)
+        if B * D == 0: return None
+        sf = fill.stride(-1) if fill.dim() else 0
+        L, tail = _take_launcher(tokens, ids, N, False, need_f, True, sf, config)
+        ent = _cache(key, (L, tail, (B, N, K, D), tokens.device))
+    elif ids.get_device() < 0:
+        check_ids_values(ids, N, True)
+    L, tail, (B, N, K, D), dev = ent
+    out = torch.empty((B, N, D), dtype=tokens.dtype, device=dev)
+    inv = torch.empty((B, N), dtype=I32, device=dev) if need_f else None
+    L(tokens, ids, out if inv is None else inv, fill, out, *tail)
+    return out, inv
+
+
+def scatter_backward(g, ids, inv, need_t, need_f, config=None):
+    "The scatter backward: (grad_tokens [B, K, D] or None, fp32 fill-gradient partials [B, D] or None)."
+    key = ("scatter_bwd", _tk(g), _tk(ids), need_t, need_f, _ck(config))
+    ent = _CACHE.get(key)
+    if ent is None: ent = _cache(key, _gather_launcher(g, ids, 2 if need_f else 0, need_t, config))
+    L, tail = ent
+    B, N, D = g.shape
+    gt = torch.empty((B, ids.shape[1], D), dtype=g.dtype, device=g.device) if need_t else None
+    part = torch.empty((B, D), dtype=F32, device=g.device) if need_f else None
+    L(g, ids, part if gt is None else gt, inv if need_f else ids, gt if part is None else part, *tail)
+    return gt, part
+
+
 # ---------------------------------------------------------------------------------------------------------- autograd
 class _Gather(torch.autograd.Function):
-    """The forward kernel runs before `apply`; st = (out, inv, (B, N, K, D), config). ctx keeps all but the output
-    (an output held by its own grad_fn is a reference cycle)."""
+    """The forward kernel runs before `apply`; st = (out, inv, N, config). ctx keeps all but the output (an output
+    held by its own grad_fn is a reference cycle)."""
 
     @staticmethod
     def forward(ctx, x, st):
@@ -287,14 +362,8 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         first_order_only("gather_tokens")
-        inv, (B, N, K, D), config = ctx.st
-        key = ("gather_bwd", _tk(g), N, _ck(config))
-        ent = _CACHE.get(key)
-        if ent is None: ent = _cache(key, _take_launcher(g, inv, N, True, False, False, 0, config))
-        L, tail = ent
-        gx = torch.empty((B, N, D), dtype=g.dtype, device=g.device)
-        L(g, inv, inv, inv, gx, *tail)
-        return gx, None
+        inv, N, config = ctx.st
+        return gather_backward(g, inv, N, config), None
 
 
 class _Scatter(torch.autograd.Function):
@@ -311,76 +380,34 @@ class _Scatter(torch.autograd.Function):
         inv, ids, fshape, fdtype, config = ctx.st
         need_t, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_t or need_f): return None, None, None
-        key = ("scatter_bwd", _tk(g), _tk(ids), need_t, need_f, _ck(config))
-        ent = _CACHE.get(key)
-        if ent is None: ent = _cache(key, _gather_launcher(g, ids, 2 if need_f else 0, need_t, config))
-        L, tail = ent
-        B, N, D = g.shape
-        gt = torch.empty((B, ids.shape[1], D), dtype=g.dtype, device=g.device) if need_t else None
-        part = torch.empty((B, D), dtype=F32, device=g.device) if need_f else None
-        L(g, ids, part if gt is None else gt, inv if need_f else ids, gt if part is None else part, *tail)
-        gf = None
-        if need_f:
-            gf = part.sum(0)
-            if fdtype is not F32: gf = gf.to(fdtype)
-            gf = gf.view(fshape)
-        return gt, gf, None
+        gt, part = scatter_backward(g, ids, inv, need_t, need_f, config)
+        return gt, (None if part is None else fill_grad(part, fshape, fdtype)), None
 
 
 # ----------------------------------------------------------------------------------------------------------- API
 def gather_tokens(x, ids, *, _config=None):
-    """The hot path: a call whose key (shapes, strides, dtypes, devices, 16-byte alignment, grad mode) was validated
-    before skips the checks (except the value checks of CPU ids, which run on every call) and reuses its launcher."""
+    "The eager hot path: `_gather_fwd` and the minimal autograd node."
     try:
         need_grad = x.requires_grad and _grad_enabled()
-        key = ("gather", _tk(x), _tk(ids), need_grad, _ck(_config))
-    except AttributeError:          # not tensors: the checks say what is wrong
-        key = None
-    ent = _CACHE.get(key) if key is not None else None
-    if ent is None:
-        B, N, D, K = check_gather(x, ids, distinct=True)
-        if B * K * D == 0: return gather_tokens_ref(x, ids)           # nothing to launch
-        need_grad = x.requires_grad and _grad_enabled()
-        L, tail = _gather_launcher(x, ids, 1 if need_grad else 0, True, _config)
-        ent = _cache(key, (L, tail, (B, N, K, D), x.device))
-    elif ids.get_device() < 0:
-        check_ids_values(ids, ent[2][1], True)
-    L, tail, dims, dev = ent
-    B, N, K, D = dims
-    out = torch.empty((B, K, D), dtype=x.dtype, device=dev)
-    if not need_grad:
-        L(x, ids, out, ids, out, *tail)
-        return out
-    inv = torch.empty((B, N), dtype=I32, device=dev)
-    L(x, ids, out, inv, out, *tail)
-    return _Gather.apply(x, (out, inv, dims, _config))
+    except AttributeError:
+        need_grad = False
+    res = _gather_fwd(x, ids, need_grad, _config)
+    if res is None: return gather_tokens_ref(x, ids)           # nothing to launch
+    out, inv, dims = res
+    if not need_grad: return out
+    return _Gather.apply(x, (out, inv, dims[1], _config))
 
 
 def scatter_tokens(tokens, ids, N, fill, *, _config=None):
-    "The hot path, as `gather_tokens`."
+    "The eager hot path, as `gather_tokens`."
     try:
-        if type(N) is not int: raise AttributeError
         grad = _grad_enabled()
         need_f = grad and fill.requires_grad
         need_grad = need_f or (grad and tokens.requires_grad)
-        key = ("scatter", _tk(tokens), _tk(ids), _tk(fill), N, need_grad, need_f, _ck(_config))
     except AttributeError:
-        key = None
-    ent = _CACHE.get(key) if key is not None else None
-    if ent is None:
-        B, N, D, K = check_scatter(tokens, ids, N, fill)
-        if B * D == 0: return scatter_tokens_ref(tokens, ids, N, fill)   # nothing to launch
-        grad = _grad_enabled()
-        need_f = grad and fill.requires_grad
-        need_grad = need_f or (grad and tokens.requires_grad)
-        sf = fill.stride(-1) if fill.dim() else 0
-        L, tail = _take_launcher(tokens, ids, N, False, need_f, True, sf, _config)
-        ent = _cache(key, (L, tail, (B, N, K, D), tokens.device))
-    elif ids.get_device() < 0:
-        check_ids_values(ids, N, True)
-    L, tail, (B, N, K, D), dev = ent
-    out = torch.empty((B, N, D), dtype=tokens.dtype, device=dev)
-    inv = torch.empty((B, N), dtype=I32, device=dev) if need_f else None
-    L(tokens, ids, out if inv is None else inv, fill, out, *tail)
+        need_f = need_grad = False
+    res = _scatter_fwd(tokens, ids, N, fill, need_grad, need_f, _config)
+    if res is None: return scatter_tokens_ref(tokens, ids, N, fill)   # nothing to launch
+    out, inv = res
     if not need_grad: return out
     return _Scatter.apply(tokens, fill, (out, inv, ids, fill.shape, fill.dtype, _config))

@@ -1,4 +1,4 @@
-"""Argument checks of the token and MAE-loss ops, shared by the PyTorch and Triton paths.
+"""Argument checks of the fused losses, the token ops and the MAE loss, shared by the PyTorch and Triton paths.
 
 They run before anything launches: under Triton's interpreter an out-of-bounds read kills the process, so every size
 a kernel relies on is checked here. Value checks that would need a host sync on a GPU (ids in range, ids distinct)
@@ -11,8 +11,12 @@ import numbers
 import torch
 
 from ssl_nb.core import ConfigError
+from ssl_nb.losses import KL_MASKS, _check_logits
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MAX_PATCH = 8192    # the fused MAE loss holds one patch (p*p*C values) in registers: 16x16x3 = 768, 32x32x3 = 3072
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # the fused losses' inputs
+KL_MODES = {m: i for i, m in enumerate(KL_MASKS)}                # the kernel's KL_MODE: 0 high, 1 low, 2 all
 
 
 def _tensor(name, t, ndim=None):
@@ -42,7 +46,8 @@ def _ids(ids, B, K, N, distinct):
     if ids.dtype not in (torch.int32, torch.int64):
         raise ConfigError(f"ids must be int32 or int64; got {ids.dtype}.")
     if ids.shape[0] != B: raise ConfigError(f"ids must have {B} rows (one per sample); got shape {tuple(ids.shape)}.")
-    if ids.device.type == "cpu": check_ids_values(ids, N, distinct)
+    # (traced by torch.compile: the values are checked when the op's body runs, on the real CPU ids)
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling(): check_ids_values(ids, N, distinct)
 
 
 def check_ids_values(ids, N, distinct):
@@ -93,3 +98,55 @@ def check_mae(pred, imgs, mask, patch_size):
     if tuple(mask.shape) != (B, L): raise ConfigError(f"mask must have shape {(B, L)}; got {tuple(mask.shape)}.")
     if mask.is_complex(): raise ConfigError(f"mask must be real (1 = masked); got {mask.dtype}.")
     return B, C, H, W, p, L, E
+
+
+def _number(name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ConfigError(f"{name} must be a Python number for the Triton kernels; got {type(v).__name__}. "
+                          f"(A per-row or per-class threshold, as in FlexMatch, goes in `mask`.)")
+    return float(v)
+
+
+def check_losses(named: dict, threshold, T, mask):
+    """The fused losses' checks, before anything launches: shapes, dtypes, devices, scalars, the external mask.
+    `named`: the logits by argument name. Returns (threshold, T, mask) as float, float, detached float32 or None."""
+    for k, v in named.items():
+        if not isinstance(v, torch.Tensor):
+            raise ConfigError(f"{k} must be a torch.Tensor; got {type(v).__name__}.")
+    _check_logits(**named)
+    z0 = next(iter(named.values()))
+    for k, v in named.items():
+        if v.device != z0.device:
+            raise ConfigError(f"all logits must be on one device; {k} is on {v.device}, not {z0.device}.")
+        if v.dtype not in LOGIT_DTYPES:
+            raise ConfigError(f"{k} has dtype {v.dtype}; the Triton kernels take float32, bfloat16 or float16 "
+                              f"logits (cast them, or set SSL_NB_KERNELS=torch).")
+    R, C = z0.shape
+    if R == 0 or C == 0: raise ConfigError(f"logits have shape {(R, C)}; the loss needs at least one row and class.")
+    threshold = _number("threshold", threshold)
+    T = _number("T", T)
+    if not T > 0: raise ConfigError(f"T must be > 0; got {T}.")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor): raise ConfigError(f"mask must be a tensor; got {type(mask).__name__}.")
+        if tuple(mask.shape) != (R,): raise ConfigError(f"mask must have shape {(R,)}; got {tuple(mask.shape)}.")
+        if mask.device != z0.device: raise ConfigError(f"mask is on {mask.device} but the logits are on {z0.device}.")
+        mask = mask.detach().float()
+    return threshold, T, mask
+
+
+def kl_mode_of(kl_mask) -> int:
+    "SequenceMatch's `kl_mask` ('high', 'low', 'all') as the kernel's KL_MODE."
+    mode = KL_MODES.get(kl_mask) if isinstance(kl_mask, str) else None
+    if mode is None: raise ConfigError(f"kl_mask must be one of {tuple(KL_MODES)}; got {kl_mask!r}.")
+    return mode
+
+
+def check_mae_fused(pred, imgs, mask, patch_size, norm_pix):
+    "`check_mae` and the fused kernel's own limits. Returns (B, C, H, W, p, L, E)."
+    dims = check_mae(pred, imgs, mask, patch_size)
+    p, C, E = dims[4], dims[1], dims[6]
+    if E > MAX_PATCH:
+        raise ConfigError(f"patches of {p}x{p}x{C} = {E} values exceed the fused kernel's limit of {MAX_PATCH}; "
+                          f"use SSL_NB_KERNELS=torch for this loss.")
+    if norm_pix and E < 2: raise ConfigError("norm_pix needs patches of at least 2 values (unbiased variance).")
+    return dims

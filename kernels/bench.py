@@ -79,6 +79,19 @@ class Timer:
         import triton.testing
         return triton.testing.do_bench_cudagraph(fn, rep=self.rep_ms, grad_to_none=grad_to_none, return_mode="median")
 
+    def graph_anchor(self, fn):
+        """`fn` captured once in a CUDA graph, then its replay timed by the anchor method (events around
+        `replay()`, a sync after each): the host-inclusive time of a step that runs the op from a CUDA graph."""
+        if not (self.cuda and self.graphs): return None
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3): fn()            # warm-up (compiles, fills the caches) off the capture
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g): fn()
+        return self.anchor(g.replay)
+
 
 # ------------------------------------------------------------------------------------------------------------ bench
 class Bench:
@@ -121,6 +134,7 @@ class Bench:
             if graph:
                 try:
                     row["graph_ms"] = self.timer.graph(g, grad_to_none)
+                    row["graph_anchor_ms"] = self.timer.graph_anchor(g)
                 except Exception as e:      # capture failures are reported, the row keeps its other timings
                     row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
             t = row["do_bench_ms"] or row["anchor_ms"]
@@ -138,7 +152,9 @@ class Bench:
 
     def compiled(self, key, fn):
         "One torch.compile object per baseline function, reused across shapes (as anchors.py does)."
-        if key not in self._compiled: self._compiled[key] = torch.compile(fn)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(fn, **({} if self.a.compile_backend == "inductor" else
+                                                       dict(backend=self.a.compile_backend)))
         return self._compiled[key]
 
     def compile_ok(self, what):
@@ -211,10 +227,14 @@ class Bench:
                         impls.append((f"triton[{name}]", lambda *a, cfg=cfg: TL.sequencematch_loss(*a, _config=cfg)))
                 if compiled_only:
                     if not self.compile_ok(f"{kind} {shape}"): continue
-                    impls = [("compiled", self.compiled(kind, getattr(L, f"{kind}_loss")))]
+                    # the eager formula compiled, and the Triton op inside a compiled function (its custom op,
+                    # `_compile.py`: what a compiled training step runs)
+                    impls = [("compiled", self.compiled(kind, getattr(L, f"{kind}_loss"))),
+                             ("triton[torch.compile]", self.compiled(f"triton_{kind}", getattr(K, f"{kind}_loss")))]
                 small = R * C <= 1280 * 1000
                 for name, fn in impls:
                     graph = small and name in ("triton", "eager")     # CUDA graphs: Triton vs eager only
+                    if compiled_only and name != "compiled" and not self.compile_ok(f"triton {kind} {shape}"): break
                     f = lambda fn=fn: _first(fn(*ins))
                     self.measure(f"{kind}_loss", shape, name, "fwd", f, fwd_floor, graph=graph)
 
@@ -264,9 +284,10 @@ class Bench:
                      ("eager_advanced_index", lambda: x[ar, ids_keep])]
             if compiled_only:
                 if large or not self.compile_ok(f"gather {shape}"): impls = []
-                else: impls = [("compiled_mae", self.compiled("gather", gather_tokens_ref))]
+                else: impls = [("compiled_mae", self.compiled("gather", gather_tokens_ref)),
+                               ("triton[torch.compile]", self.compiled("triton_gather", K.gather_tokens))]
             for name, fn in impls:
-                fn2 = fn if name != "compiled_mae" else (lambda fn=fn: fn(x, ids_keep))
+                fn2 = fn if not compiled_only else (lambda fn=fn: fn(x, ids_keep))
                 # CUDA-graph replay (GPU time without any host overhead) for the target's shape, Triton vs MAE
                 graph = keep == 0.25 and not large and name in ("triton", "eager_mae_repeat_gather")
                 self.measure("gather_tokens", shape, name, "fwd", fn2, f_floor, graph=graph)
@@ -337,6 +358,8 @@ class Bench:
         ins = [zs[0]] + [z.detach().clone().requires_grad_() for z in zs[1:]]
         impls = [("triton", K.sequencematch_loss), ("eager", L.sequencematch_loss)]
         if "sequencematch" in self._compiled: impls.append(("compiled", self._compiled["sequencematch"]))
+        if "triton_sequencematch" in self._compiled:
+            impls.append(("triton[torch.compile]", self._compiled["triton_sequencematch"]))
         for name, fn in impls:
             try:
                 for _ in range(3): torch.autograd.grad(_first(fn(*ins)), ins[1:])
@@ -352,7 +375,8 @@ class Bench:
     # ---- output
     def write(self):
         out = self.a.out
-        keys = ["op", "shape", "impl", "mode", "anchor_ms", "do_bench_ms", "graph_ms", "floor_MB", "pct_copy_bw",
+        keys = ["op", "shape", "impl", "mode", "anchor_ms", "do_bench_ms", "graph_ms", "graph_anchor_ms", "floor_MB",
+                "pct_copy_bw",
                 "launches", COPY_KEY, "error", "graph_error"]
         with open(os.path.join(out, "bench.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore"); w.writeheader()
@@ -371,7 +395,9 @@ class Bench:
         if cp: lines += [f"Device-to-device copy: **{cp[0][COPY_KEY]:.2f} TB/s** (read + write bytes / time).", ""]
         lines += ["Times in ms (median). anchor = CUDA events around each call with a sync after it, as in "
                   "shared/baselines/anchors.py (includes host overhead); do_bench = triton.testing.do_bench (L2 "
-                  "flushed, ~GPU time); graph = replayed from a CUDA graph. Speed-up = eager / triton on the same "
+                  "flushed, ~GPU time); graph = replayed from a CUDA graph (do_bench_cudagraph: GPU time only); "
+                  "graph+host = one replay of the captured call timed as anchor (events around `replay()`, sync "
+                  "after each: what a step run from a CUDA graph pays). Speed-up = eager / triton on the same "
                   "method. %BW = floor bytes / do_bench time / copy bandwidth.", ""]
         lines += self.targets()
         by = {}
@@ -380,8 +406,9 @@ class Bench:
             by.setdefault((r["op"], r["shape"]), []).append(r)
         for (op, shape), rs in by.items():
             lines += [f"### {op} — {shape}", "",
-                      "| impl | mode | anchor ms | do_bench ms | graph ms | ×eager (anchor) | ×eager (do_bench) | %BW |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| impl | mode | anchor ms | do_bench ms | graph ms | graph+host ms | ×eager (anchor) | "
+                      "×eager (do_bench) | %BW |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             base = {}
             for r in rs:      # the first eager implementation listed is the baseline (MAE's own formulation)
                 if r["impl"].startswith("eager") and "formula" not in r["impl"]: base.setdefault(r["mode"], r)
@@ -390,7 +417,8 @@ class Bench:
                 sp = lambda k: f(b.get(k) / r[k], 1) + "×" if b.get(k) and r.get(k) else "–"
                 err = f" ERROR: {r['error'][:120]}" if r.get("error") else ""
                 lines.append(f"| {r['impl']}{err} | {r['mode']} | {f(r.get('anchor_ms'), 4)} | "
-                             f"{f(r.get('do_bench_ms'), 4)} | {f(r.get('graph_ms'), 4)} | {sp('anchor_ms')} | "
+                             f"{f(r.get('do_bench_ms'), 4)} | {f(r.get('graph_ms'), 4)} | "
+                             f"{f(r.get('graph_anchor_ms'), 4)} | {sp('anchor_ms')} | "
                              f"{sp('do_bench_ms')} | {f(r.get('pct_copy_bw'), 0)} |")
             lines.append("")
         lc = [r for r in self.rows if r["mode"] == "launches"]
@@ -416,6 +444,18 @@ class Bench:
                            f"- SequenceMatch fwd+bwd {shape} ({key}): not measured")
                 if t and ea: out[-1] += f"; ×{ea / t:.1f} vs eager anchors.py formula ({ea:.4f} ms)"
                 if t: out[-1] += f"; ×{anchor / t:.1f} vs the spec's H100 eager anchor ({anchor} ms); target ≥ {target}×"
+            # the same call replayed from a CUDA graph, host included (a graph-captured step); 448x10 only
+            t = get("sequencematch_loss", shape, "triton", "fwd+bwd", "graph_anchor_ms")
+            e = get("sequencematch_loss", shape, "eager", "fwd+bwd", "graph_anchor_ms")
+            if t and e:
+                out.append(f"- SequenceMatch fwd+bwd {shape} replayed from a CUDA graph, host included (graph+host): "
+                           f"triton {t:.4f} ms; ×{e / t:.1f} vs eager replayed the same way ({e:.4f} ms); "
+                           f"×{anchor / t:.1f} vs the spec's H100 eager anchor ({anchor} ms); target ≥ {target}×")
+            t = get("sequencematch_loss", shape, "triton[torch.compile]", "fwd+bwd", "anchor_ms")
+            e = get("sequencematch_loss", shape, "compiled", "fwd+bwd", "anchor_ms")
+            if t and e:
+                out.append(f"- SequenceMatch fwd+bwd {shape} inside torch.compile (anchor_ms): triton custom op "
+                           f"{t:.4f} ms; ×{e / t:.1f} vs the compiled eager formula ({e:.4f} ms)")
         for key in ("anchor_ms", "do_bench_ms", "graph_ms"):
             t = get("gather_tokens", "256x196x768 keep0.25", "triton", "fwd+bwd", key)
             e = get("gather_tokens", "256x196x768 keep0.25", "eager_mae_repeat_gather", "fwd+bwd", key)
@@ -471,12 +511,14 @@ def main(argv=None):
     ap.add_argument("--rep-ms", type=float, default=20.0, help="do_bench / do_bench_cudagraph rep (ms)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--dry-run", action="store_true", help="CPU smoke test: interpreter, tiny shapes, no compile")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU smoke test: interpreter, tiny shapes, torch.compile rows with the aot_eager backend")
     a = ap.parse_args(argv)
     if a.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         os.environ["SSL_NB_KERNELS"] = "triton"
-        a.no_compile = True
+        a.compile_backend = "aot_eager"        # no C++ build on the CPU
         import warnings; warnings.filterwarnings("ignore", category=RuntimeWarning)
     elif not torch.cuda.is_available():
         print("No CUDA GPU: use --dry-run for a CPU smoke test.", flush=True); return 2

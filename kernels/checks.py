@@ -436,6 +436,135 @@ def check_cpu_dispatch(device):
         if saved is not None: os.environ["SSL_NB_KERNELS"] = saved
 
 
+# ---------------------------------------------------------------------------------------------------- torch.compile
+def _compiled(fn, device, mode=None, backend=None):
+    "`torch.compile(fn, fullgraph=True)`: inductor on CUDA (with `mode`), aot_eager on the CPU unless `backend`."
+    torch._dynamo.reset()
+    if device == "cuda": return torch.compile(fn, fullgraph=True, mode=mode)
+    return torch.compile(fn, fullgraph=True, backend=backend or "aot_eager")
+
+
+def _run_compiled(device, step, make_inputs, grad_names, tol, ops, mode=None, calls=3, backend=None):
+    """`step` compiled (the ops' custom-op path, `_compile.py`) against `step` run eagerly on the references
+    (`SSL_NB_KERNELS=torch`), over `calls` calls with new values (the compiled graph and, with
+    mode='reduce-overhead', its CUDA graph replayed): outputs, and gradients of `out[0]` to the inputs named in
+    grad_names. `ops`: the custom ops the compiled step must have run (its first call: warm-up, not a replay).
+    Returns (ok, message)."""
+    import ssl_nb.kernels as K
+    from ._compile import calls as op_calls
+    cstep = _compiled(lambda *a: step(K, *a), device, mode, backend)
+    before = dict(op_calls)
+    res = []
+    for i in range(calls):
+        inputs = make_inputs(i)
+        got = {}
+        for impl in ("ref", "compiled"):
+            ins = {k: (v.detach().clone().requires_grad_() if k in grad_names else v) for k, v in inputs.items()}
+            if impl == "ref":
+                saved = os.environ.get("SSL_NB_KERNELS"); os.environ["SSL_NB_KERNELS"] = "torch"
+                try: out = step(K, *ins.values())
+                finally: os.environ["SSL_NB_KERNELS"] = saved if saved is not None else "auto"
+            else:
+                if mode == "reduce-overhead": torch.compiler.cudagraph_mark_step_begin()
+                out = cstep(*ins.values())
+            out[0].backward()
+            got[impl] = ([o.detach().clone() for o in out], [ins[k].grad for k in grad_names])
+        if i == 0: ran = {op: op_calls[op] - before.get(op, 0) for op in ops}
+        (oc, gc), (orf, grf) = got["compiled"], got["ref"]
+        res += [compare(f"{i}:out{j}", a, b, **(LOSS_TOL if j == 0 else dict(atol=0, rtol=0)))
+                for j, (a, b) in enumerate(zip(oc, orf))]
+        res += [compare(f"{i}:grad_{k}", a, b, **tol.get(k, tol["*"])) for k, a, b in zip(grad_names, gc, grf)]
+    bad = [r[1] for r in res if not r[0]] + [f"custom op {op} not run" for op, n in ran.items() if not n]
+    return not bad, (f"{len(res)} comparisons over {calls} calls; ops run {ran}; " +
+                     ("; ".join(bad) if bad else "; ".join(r[1] for r in res[-len(grad_names):])))
+
+
+def check_compiled_losses(device, mode=None, R_=96, C=13, dtype=torch.float32, backend=None):
+    """The three fused losses inside one compiled step (fullgraph: no graph break), with grad_output != 1, a
+    FlexMatch-like external mask, kl_mask and low_conf_kl; the gradients of both views sum over several ops."""
+    def step(K, zw, zm, zs, mask):
+        l1, m1 = K.sequencematch_loss(zw, zm, zs, kl_mask="low", low_conf_kl=True)
+        l2, _ = K.fixmatch_loss(zw, zs, mask=mask)
+        l3, m3 = K.refixmatch_loss(zw, zm, T=0.7)
+        return 2 * l1 + l2 + 0.5 * l3, m1, m3
+
+    def make_inputs(i):
+        z = [logits(R_, C, dtype, device, 40 + 3 * i + j) for j in range(3)]
+        mask = (torch.rand(R_, generator=_gen(50 + i)) < 0.4).float().to(device)
+        return dict(zw=z[0], zm=z[1], zs=z[2], mask=mask)
+    return _run_compiled(device, step, make_inputs, ["zm", "zs"], {"*": TOL[dtype]}, ["consistency_loss"], mode,
+                         backend=backend)
+
+
+def check_compiled_tokens_mae(device, mode=None):
+    "gather_tokens, scatter_tokens and masked_patch_mse inside one compiled step, gradients to every input."
+    B, N, K_, D, p = 2, 37, 11, 48, 8
+
+    def step(K, x, ids, tok, fill, wa, wb, pred, imgs, m):
+        a = K.gather_tokens(x, ids)
+        b = K.scatter_tokens(tok, ids, N, fill)
+        c = K.masked_patch_mse(pred, imgs, m, p)
+        return (a * wa).sum() + (b * wb).sum() + 3 * c, a, b
+
+    def make_inputs(i):
+        g = _gen(60 + i)
+        r = lambda *s: torch.randn(*s, generator=g).to(device)
+        return dict(x=r(B, N, D), ids=_ids(B, N, K_, torch.int32, device, 70 + i), tok=r(B, K_, D), fill=r(1, 1, D),
+                    wa=r(B, K_, D), wb=r(B, N, D), pred=r(B, 4, p * p * 3), imgs=r(B, 3, 2 * p, 2 * p),
+                    m=(torch.rand(B, 4, generator=g) < 0.75).float().to(device))
+    # fill's gradient is a sum over B * (N - K) rows, in another order than the reference's
+    tol = {"*": TOL[torch.float32], "fill": dict(atol=1e-8, rtol=1e-6, ascale=1e-6)}
+    ops = ["gather_tokens", "gather_tokens_backward", "scatter_tokens", "scatter_tokens_backward", "masked_patch_mse"]
+    return _run_compiled(device, step, make_inputs, ["x", "tok", "fill", "pred"], tol, ops, mode)
+
+
+def check_opcheck(device):
+    """`torch.library.opcheck` of every custom op (schema, fake implementation, autograd registration, AOT dispatch
+    with dynamic shapes), with inputs that need gradients and without."""
+    from . import _compile as OC
+    z = [logits(48, 13, torch.float32, device, s) for s in range(3)]
+    zg = [t.detach().clone().requires_grad_() for t in z]
+    ids = _ids(2, 37, 11, torch.int64, device, 0)
+    r = lambda *s, **k: torch.randn(*s, device=device, **k)
+    calls = {
+        "seq": (OC.consistency_loss, (z[0], zg[1], zg[2], None, 0.95, 0.5, False, 0, True)),
+        "refix_mask": (OC.consistency_loss, (z[0], None, zg[2], torch.rand(48, device=device), 0.95, 0.5, True, 0, True)),
+        "seq_nograd": (OC.consistency_loss, (z[0], z[1], z[2], None, 0.95, 0.5, False, 2, False)),
+        "gather": (OC.gather_tokens_op, (r(2, 37, 24, requires_grad=True), ids, True)),
+        "scatter": (OC.scatter_tokens_op, (r(2, 11, 24, requires_grad=True), ids, 37, r(24, requires_grad=True), True)),
+        "mae": (OC.masked_patch_mse_op, (r(2, 4, 48, requires_grad=True), r(2, 3, 8, 8),
+                                         (torch.rand(2, 4, device=device) < 0.5).float(), 4, True, True)),
+    }
+    bad = []
+    for name, (op, args) in calls.items():
+        out = torch.library.opcheck(op, args)
+        bad += [f"{name}.{k}: {v}" for k, v in out.items() if v != "SUCCESS"]
+    return not bad, f"{len(calls)} ops x 4 opcheck tests" + (f"; FAILED {bad}" if bad else ": all SUCCESS")
+
+
+def check_compiled_errors(device):
+    "Wrong calls inside torch.compile (no fullgraph) still raise ConfigError with the eager path's message."
+    import ssl_nb.kernels as K
+    z = torch.randn(8, 10, device=device)
+    x = torch.randn(2, 16, 8, device=device)
+    bad = {"shape mismatch": lambda: K.sequencematch_loss(z, z, z[:, :9]),
+           "T <= 0": lambda: K.refixmatch_loss(z, z, T=0.0),
+           "kl_mask": lambda: K.sequencematch_loss(z, z, z, kl_mask="mid"),
+           "ids float": lambda: K.gather_tokens(x, torch.zeros(2, 4, device=device)),
+           "mae patch": lambda: K.masked_patch_mse(torch.randn(1, 4, 48, device=device),
+                                                   torch.randn(1, 3, 10, 8, device=device),
+                                                   torch.ones(1, 4, device=device), 4)}
+    missed = []
+    for name, f in bad.items():
+        torch._dynamo.reset()
+        try:
+            torch.compile(f, backend="aot_eager" if device == "cpu" else "inductor")()
+            missed.append(name)
+        except ConfigError:
+            pass
+    return not missed, f"{len(bad) - len(missed)}/{len(bad)} raise ConfigError" + (f"; NOT raised: {missed}" if missed else "")
+
+
 # ------------------------------------------------------------------------------------------------------------- cases
 def cases(device: str) -> dict:
     """name -> zero-argument check. CPU (interpreter): few, large programs ('blocked' = the interpreter's configuration
@@ -527,6 +656,13 @@ def cases(device: str) -> dict:
         "mae_mask_ones_1ch": lambda: check_mae(2, 1, 28, 28, 7, f32, dev, mask_mode="ones", seed=3),
         "mae_gpucfg": lambda: check_mae(1, 3, 32, 32, 16, f32, dev, seed=4,
                                         config=_mae_gpu_cfg(4, 768) if dev == "cpu" else None),
+        # torch.compile: the custom ops of _compile.py (aot_eager on the CPU, inductor on CUDA)
+        "compile_losses": lambda: check_compiled_losses(dev),
+        "compile_losses_bf16_1000": lambda: check_compiled_losses(dev, R_=40, C=1000, dtype=bf16),
+        "compile_losses_inductor": lambda: check_compiled_losses(dev, R_=64, C=10, backend="inductor"),
+        "compile_tokens_mae": lambda: check_compiled_tokens_mae(dev),
+        "compile_opcheck": lambda: check_opcheck(dev),
+        "compile_errors": lambda: check_compiled_errors(dev),
     })
     if dev == "cuda":   # the benchmark shapes, in the GPU configuration, and the interpreter-only cases dropped
         for kind in ("fixmatch", "refixmatch", "sequencematch"):
@@ -538,6 +674,9 @@ def cases(device: str) -> dict:
                 256, 196, int(196 * keep), 768, bf16, torch.int64, dev, seed=21)
         c["bench_mae_vitb16_b256_f32"] = lambda: check_mae(256, 3, 224, 224, 16, f32, dev, seed=22)
         c["bench_mae_vitb16_b256_bf16pred"] = lambda: check_mae(256, 3, 224, 224, 16, bf16, dev, seed=22)
+        # CUDA graphs (cudagraph trees) replaying the fused kernels, forward and backward
+        c["compile_losses_cudagraphs"] = lambda: check_compiled_losses(dev, mode="reduce-overhead", R_=448, C=10)
+        c["compile_tokens_mae_cudagraphs"] = lambda: check_compiled_tokens_mae(dev, mode="reduce-overhead")
         c.pop("cpu_dispatch")
     return c
 
@@ -567,6 +706,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=RuntimeWarning)      # masked-off lanes under the interpreter
     os.environ.setdefault("SSL_NB_KERNELS", "triton")
+    if a.device == "cpu":       # before anything (torch.compile included) imports triton in compiled mode
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     allc = cases(a.device)
     if a.list:
         print("\n".join(allc)); return 0

@@ -190,3 +190,18 @@ print("OK", STATS)
 def test_fast_launch_args():
     p = _py(FAST_LAUNCH_SCRIPT, TRITON_INTERPRET="0")
     assert p.returncode == 0 and p.stdout.startswith("OK"), p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def test_bench_dry_run(tmp_path):
+    """The benchmark script end to end on the CPU (interpreter, tiny shapes, torch.compile rows with aot_eager): every
+    row measured without error, the Triton op inside torch.compile included, and the four output files written."""
+    p = subprocess.run([sys.executable, "-m", "ssl_nb.kernels.bench", "--dry-run", "--out", str(tmp_path),
+                        "--only", "losses,tokens"], capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r.get("error")], [r for r in rows if r.get("error")]
+    impls = {(r["op"], r["impl"], r["mode"]) for r in rows}
+    for op in ("sequencematch_loss", "gather_tokens"):
+        for impl in ("triton", "triton[torch.compile]"):
+            assert (op, impl, "fwd+bwd") in impls, (op, impl)
+    assert all((tmp_path / f).exists() for f in ("bench.md", "bench.csv", "env.json"))
