@@ -656,13 +656,6 @@ def cases(device: str) -> dict:
         "mae_mask_ones_1ch": lambda: check_mae(2, 1, 28, 28, 7, f32, dev, mask_mode="ones", seed=3),
         "mae_gpucfg": lambda: check_mae(1, 3, 32, 32, 16, f32, dev, seed=4,
                                         config=_mae_gpu_cfg(4, 768) if dev == "cpu" else None),
-        # torch.compile: the custom ops of _compile.py (aot_eager on the CPU, inductor on CUDA)
-        "compile_losses": lambda: check_compiled_losses(dev),
-        "compile_losses_bf16_1000": lambda: check_compiled_losses(dev, R_=40, C=1000, dtype=bf16),
-        "compile_losses_inductor": lambda: check_compiled_losses(dev, R_=64, C=10, backend="inductor"),
-        "compile_tokens_mae": lambda: check_compiled_tokens_mae(dev),
-        "compile_opcheck": lambda: check_opcheck(dev),
-        "compile_errors": lambda: check_compiled_errors(dev),
     })
     if dev == "cuda":   # the benchmark shapes, in the GPU configuration, and the interpreter-only cases dropped
         for kind in ("fixmatch", "refixmatch", "sequencematch"):
@@ -674,10 +667,22 @@ def cases(device: str) -> dict:
                 256, 196, int(196 * keep), 768, bf16, torch.int64, dev, seed=21)
         c["bench_mae_vitb16_b256_f32"] = lambda: check_mae(256, 3, 224, 224, 16, f32, dev, seed=22)
         c["bench_mae_vitb16_b256_bf16pred"] = lambda: check_mae(256, 3, 224, 224, 16, bf16, dev, seed=22)
+        c.pop("cpu_dispatch")
+    # torch.compile: the custom ops of _compile.py (aot_eager on the CPU, plus one inductor case; inductor on CUDA,
+    # and CUDA graphs). Last: on a GPU they cost most of the checks' time (one inductor build each)
+    c.update({
+        "compile_losses": lambda: check_compiled_losses(dev),
+        "compile_losses_bf16_1000": lambda: check_compiled_losses(dev, R_=40, C=1000, dtype=bf16),
+        "compile_losses_inductor": lambda: check_compiled_losses(dev, R_=64, C=10, backend="inductor"),
+        "compile_tokens_mae": lambda: check_compiled_tokens_mae(dev),
+        "compile_opcheck": lambda: check_opcheck(dev),
+        "compile_errors": lambda: check_compiled_errors(dev),
+    })
+    if dev == "cuda":
+        c.pop("compile_losses_inductor")            # every CUDA case uses inductor
         # CUDA graphs (cudagraph trees) replaying the fused kernels, forward and backward
         c["compile_losses_cudagraphs"] = lambda: check_compiled_losses(dev, mode="reduce-overhead", R_=448, C=10)
         c["compile_tokens_mae_cudagraphs"] = lambda: check_compiled_tokens_mae(dev, mode="reduce-overhead")
-        c.pop("cpu_dispatch")
     return c
 
 
