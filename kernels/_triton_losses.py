@@ -38,34 +38,94 @@ def _online(m, Z, ZT, z, inv_T, SHARP: tl.constexpr):
 @triton.jit
 def _terms(zw, zm, zs, p_s, t_w, p_m, t_m, cols, m2, label, mw, lZwT, mm, lZm, lZmT, ms, lZs,
            g_ce, g_ws, g_wm, g_ms, gm_ptr, gs_ptr, goff, inv_T,
-           HAS_M: tl.constexpr, NEED_TW: tl.constexpr, WRITE_GRAD: tl.constexpr):
+           HAS_M: tl.constexpr, NEED_TW: tl.constexpr, WRITE_GRAD: tl.constexpr, ONE_SUM: tl.constexpr):
     """Per-row partial sums over one class block of CE(s, label), KL(t_w||p_s), KL(t_w||p_m), KL(t_m||p_s), and the
     gradients of the block: d/dz_s = g_ce (p_s - onehot) + g_ws (p_s - t_w) + g_ms (p_s - t_m), d/dz_m = g_wm (p_m - t_w),
     where the g_* are the per-row weights already divided by the row count. The probabilities p_s, t_w = softmax(z_w/T),
-    p_m, t_m = softmax(z_m/T) come in (computed once); the log-probabilities are recomputed here (no exp, no log)."""
+    p_m, t_m = softmax(z_m/T) come in (computed once); the log-probabilities are recomputed here (no exp, no log).
+    ONE_SUM: one reduction of the weighted terms instead of four, returned as (row loss / R, 0, 0, 0)."""
     logp_s = zs - ms[:, None] - lZs[:, None]
     onehot = cols[None, :] == label[:, None]
-    ce = tl.sum(tl.where(onehot & m2, -logp_s, 0.0), axis=1)
-    kl_ws = tl.zeros_like(ce)
-    kl_wm = tl.zeros_like(ce)
-    kl_ms = tl.zeros_like(ce)
+    if ONE_SUM:
+        el = g_ce[:, None] * tl.where(onehot, -logp_s, 0.0)
+    else:
+        ce = tl.sum(tl.where(onehot & m2, -logp_s, 0.0), axis=1)
+    zero = tl.zeros_like(g_ce)
+    kl_ws = zero
+    kl_wm = zero
+    kl_ms = zero
     gs = g_ce[:, None] * (p_s - tl.where(onehot, 1.0, 0.0))
     if NEED_TW:   # the weak view's sharpened target
         logt_w = (zw - mw[:, None]) * inv_T - lZwT[:, None]
-        kl_ws = tl.sum(tl.where(m2, t_w * (logt_w - logp_s), 0.0), axis=1)
+        if ONE_SUM:
+            el += g_ws[:, None] * (t_w * (logt_w - logp_s))
+        else:
+            kl_ws = tl.sum(tl.where(m2, t_w * (logt_w - logp_s), 0.0), axis=1)
         gs += g_ws[:, None] * (p_s - t_w)
         if HAS_M:
             logp_m = zm - mm[:, None] - lZm[:, None]
             logt_m = (zm - mm[:, None]) * inv_T - lZmT[:, None]
-            kl_wm = tl.sum(tl.where(m2, t_w * (logt_w - logp_m), 0.0), axis=1)
-            kl_ms = tl.sum(tl.where(m2, t_m * (logt_m - logp_s), 0.0), axis=1)
+            if ONE_SUM:
+                el += g_wm[:, None] * (t_w * (logt_w - logp_m)) + g_ms[:, None] * (t_m * (logt_m - logp_s))
+            else:
+                kl_wm = tl.sum(tl.where(m2, t_w * (logt_w - logp_m), 0.0), axis=1)
+                kl_ms = tl.sum(tl.where(m2, t_m * (logt_m - logp_s), 0.0), axis=1)
             gs += g_ms[:, None] * (p_s - t_m)
             if WRITE_GRAD:
                 gm = g_wm[:, None] * (p_m - t_w)
                 tl.store(gm_ptr + goff, gm.to(gm_ptr.dtype.element_ty), mask=m2)
     if WRITE_GRAD:
         tl.store(gs_ptr + goff, gs.to(gs_ptr.dtype.element_ty), mask=m2)
+    if ONE_SUM:
+        ce = tl.sum(tl.where(m2, el, 0.0), axis=1)
     return ce, kl_ws, kl_wm, kl_ms
+
+
+@triton.jit
+def _max_label_combine(w0, i0, s0, m0, w1, i1, s1, m1):
+    "Row maxima of the three views and the weak view's argmax (the first maximum, as torch.max) in one reduction."
+    take = (w1 > w0) | ((w1 == w0) & (i1 < i0))
+    return tl.where(take, w1, w0), tl.where(take, i1, i0), tl.maximum(s0, s1), tl.maximum(m0, m1)
+
+
+@triton.jit
+def _sum5(a0, b0, c0, d0, e0, a1, b1, c1, d1, e1):
+    return a0 + a1, b0 + b1, c0 + c1, d0 + d1, e0 + e1
+
+
+@triton.jit
+def _sum3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
+def _sum2(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _stats_fused(zw, zm, zs, cols, inv_T, HAS_M: tl.constexpr, NEED_TW: tl.constexpr):
+    """Every whole-row statistic of a tile in two multi-operand reductions (one cross-warp exchange each, where
+    separate tl.max / tl.sum / tl.argmax calls pay one per statistic): the maxima and the weak argmax, then the sums of
+    exp at T = 1 and at T. Returns (label, mw, ew, Zw, ewT, ZwT, ms, es, Zs, mm, em, Zm, emT, ZmT)."""
+    idx = tl.broadcast_to(cols[None, :], zw.shape)
+    mw, label, ms, mm = tl.reduce((zw, idx, zs, zm), 1, _max_label_combine)
+    ew = tl.exp(zw - mw[:, None])
+    es = tl.exp(zs - ms[:, None])
+    ewT, em, emT = ew, es, es
+    if HAS_M:
+        ewT = tl.exp((zw - mw[:, None]) * inv_T)
+        em = tl.exp(zm - mm[:, None])
+        emT = tl.exp((zm - mm[:, None]) * inv_T)
+        Zw, ZwT, Zs, Zm, ZmT = tl.reduce((ew, ewT, es, em, emT), 1, _sum5)
+    elif NEED_TW:
+        ewT = tl.exp((zw - mw[:, None]) * inv_T)
+        Zw, ZwT, Zs = tl.reduce((ew, ewT, es), 1, _sum3)
+        Zm, ZmT = Zs, Zs
+    else:
+        Zw, Zs = tl.reduce((ew, es), 1, _sum2)
+        ZwT, Zm, ZmT = Zw, Zs, Zs
+    return label.to(tl.int32), mw, ew, Zw, ewT, ZwT, ms, es, Zs, mm, em, Zm, emT, ZmT
 
 
 @triton.jit
@@ -86,7 +146,7 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
                         HAS_M: tl.constexpr, HAS_MASK: tl.constexpr, LOW_CONF: tl.constexpr,
                         NEED_TW: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                         ROW_TILES: tl.constexpr, ONE_BLOCK: tl.constexpr, ALIGN: tl.constexpr,
-                        PREFETCH: tl.constexpr, KL_MODE: tl.constexpr):
+                        PREFETCH: tl.constexpr, KL_MODE: tl.constexpr, FUSED_REDUCE: tl.constexpr):
     """Rows [pid * ROW_TILES * BLOCK_R, ...): for each tile of BLOCK_R rows, the softmax statistics of every view, the
     pseudo-label, the masks, the row losses and the gradients (written now, scaled by grad_output in backward).
     ALIGN (a power of 2 the host found to divide C and the row strides) lets the compiler see that rows start on
@@ -94,7 +154,10 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
     KL_MODE: which target rows SequenceMatch's three KLD terms keep: 0 confident (the authors' code), 1 unconfident,
     2 all (`kl_mask` 'high' / 'low' / 'all'); the CE mask is the confident one whatever the mode.
     PREFETCH (ONE_BLOCK with ROW_TILES > 1): the loads of the next tile are issued before the current tile is
-    computed, so that their memory latency overlaps the arithmetic and reductions of this one."""
+    computed, so that their memory latency overlaps the arithmetic and reductions of this one.
+    FUSED_REDUCE (ONE_BLOCK): the row statistics in two multi-operand reductions and the four loss terms in one
+    (`_stats_fused`, `_terms`' ONE_SUM): 3 reductions per row instead of 13, i.e. fewer cross-warp exchanges, each
+    a shared-memory round trip between barriers, when a row spans several warps (C ~ 1000)."""
     if ALIGN > 1:   # identities, written so that the compiler's alignment analysis can see them
         C = (C // ALIGN) * ALIGN
         s_wr = (s_wr // ALIGN) * ALIGN
@@ -132,14 +195,20 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
                 zm = zs
                 if HAS_M:
                     zm = _load_tile(zm_ptr, rows, s_mr, cols, s_mc, m2, NEG)
-            label = tl.argmax(zw, axis=1).to(tl.int32)
-            mw, ew, Zw, ewT, ZwT = _softmax_tile(zw, inv_T, NEED_TW)
-            ms, es, Zs, _e, _z = _softmax_tile(zs, inv_T, False)
+            if FUSED_REDUCE:
+                label, mw, ew, Zw, ewT, ZwT, ms, es, Zs, mm, em, Zm, emT, ZmT = _stats_fused(
+                    zw, zm, zs, cols, inv_T, HAS_M, NEED_TW)
+            else:
+                label = tl.argmax(zw, axis=1).to(tl.int32)
+                mw, ew, Zw, ewT, ZwT = _softmax_tile(zw, inv_T, NEED_TW)
+                ms, es, Zs, _e, _z = _softmax_tile(zs, inv_T, False)
+                mm, em, Zm, emT, ZmT = ms, es, Zs, es, Zs
+                if HAS_M:
+                    mm, em, Zm, emT, ZmT = _softmax_tile(zm, inv_T, True)
             p_s = es * (1.0 / Zs)[:, None]
             t_w = ewT * (1.0 / ZwT)[:, None]
-            mm, Zm, ZmT, p_m, t_m = ms, Zs, Zs, p_s, p_s
+            p_m, t_m = p_s, p_s
             if HAS_M:
-                mm, em, Zm, emT, ZmT = _softmax_tile(zm, inv_T, True)
                 p_m = em * (1.0 / Zm)[:, None]
                 t_m = emT * (1.0 / ZmT)[:, None]
         else:
@@ -193,7 +262,7 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
             ce, kl_ws, kl_wm, kl_ms = _terms(zw, zm, zs, p_s, t_w, p_m, t_m, cols, m2, label, mw, lZwT, mm, lZm,
                                              lZmT, ms, lZs,
                                              msk * inv_R, g_ws * inv_R, g_wm * inv_R, g_ms * inv_R,
-                                             gm_ptr, gs_ptr, goff, inv_T, HAS_M, NEED_TW, WRITE_GRAD)
+                                             gm_ptr, gs_ptr, goff, inv_T, HAS_M, NEED_TW, WRITE_GRAD, FUSED_REDUCE)
         else:
             ce, kl_ws, kl_wm, kl_ms = zero, zero, zero, zero
             for c0 in range(0, C, BLOCK_C):
@@ -213,14 +282,17 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
                 goff = rows[:, None] * C + cb[None, :]
                 a, b, c, d = _terms(zw, zm, zs, p_s, t_w, p_m, t_m, cb, m2, label, mw, lZwT, mm, lZm, lZmT, ms, lZs,
                                     msk * inv_R, g_ws * inv_R, g_wm * inv_R, g_ms * inv_R,
-                                    gm_ptr, gs_ptr, goff, inv_T, HAS_M, NEED_TW, WRITE_GRAD)
+                                    gm_ptr, gs_ptr, goff, inv_T, HAS_M, NEED_TW, WRITE_GRAD, False)
                 ce += a
                 kl_ws += b
                 kl_wm += c
                 kl_ms += d
-        row = msk * ce + g_ws * kl_ws + g_wm * kl_wm + g_ms * kl_ms
+        if ONE_BLOCK and FUSED_REDUCE:
+            row = ce                         # the weighted row loss, already divided by R (ONE_SUM)
+        else:
+            row = (msk * ce + g_ws * kl_ws + g_wm * kl_wm + g_ms * kl_ms) * inv_R
         acc += tl.where(rmask, row, 0.0)
-    tl.store(part_ptr + pid, tl.sum(acc, axis=0) * inv_R)
+    tl.store(part_ptr + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -285,6 +357,7 @@ def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config, kl_mode=0,
     meta = dict(HAS_M=has_m, HAS_MASK=mask is not None, LOW_CONF=low_conf, NEED_TW=has_m or low_conf,
                 WRITE_GRAD=write_grad, BLOCK_R=BR, BLOCK_C=BC, ROW_TILES=RT, ONE_BLOCK=C <= BC,
                 PREFETCH=bool(cfg.get("PREFETCH", False)) and C <= BC and RT > 1, KL_MODE=kl_mode,
+                FUSED_REDUCE=bool(cfg.get("FUSED_REDUCE", False)) and C <= BC,
                 ALIGN=align(C, sw[0], sm[0], ss[0]) if contiguous_cols else 1, num_warps=cfg["num_warps"])
     p = _Plan()
     p.R, p.C, p.grid = R, C, cdiv(R, BR * RT)

@@ -39,12 +39,17 @@ COPY_KEY = "copy_TBps"
 # other layouts of the SequenceMatch kernel timed at C >= 1000, to tune pick_config: BLOCK_R rows per tile, num_warps,
 # ROW_TILES tiles per program, PREFETCH (the next tile's loads issued before this tile's math)
 # (each variant names ROW_TILES and PREFETCH itself: `_config` is merged over pick_config's choice for the shape)
-TUNING_VARIANTS = (dict(BLOCK_R=1, num_warps=2, ROW_TILES=1, PREFETCH=False),
-                   dict(BLOCK_R=1, num_warps=8, ROW_TILES=1, PREFETCH=False),
-                   dict(BLOCK_R=2, num_warps=4, ROW_TILES=1, PREFETCH=False),
-                   dict(BLOCK_R=1, num_warps=4, ROW_TILES=4, PREFETCH=True),
-                   dict(BLOCK_R=1, num_warps=4, ROW_TILES=16, PREFETCH=True),
-                   dict(BLOCK_R=1, num_warps=8, ROW_TILES=8, PREFETCH=True))
+# The H100 sweep of 2026-11-26 (bench-h100-2026-11-26-sweep.md) found fewer warps per row faster (a row spread over
+# the program's warps costs ~38 barrier-separated cross-warp reductions per row: `_aot` shows warpsPerCTA [1, nw]
+# for every BLOCK_R) and 8 warps, or 2 rows per tile, slower; those are dropped here. One warp per row spills
+# registers under ptxas (255 registers + 140-432 bytes), so 2 warps is the floor; its prefetching layouts are new.
+# FUSED_REDUCE (new, not measured yet): 3 multi-operand reductions per row instead of 13, 9 barriers instead of 39 in
+# the compiled kernel at C = 1000 (same registers).
+_V = lambda nw, rt, pf, fr: dict(BLOCK_R=1, num_warps=nw, ROW_TILES=rt, PREFETCH=pf, FUSED_REDUCE=fr)
+TUNING_VARIANTS = (_V(4, 1, False, False), _V(2, 1, False, False), _V(4, 4, True, False), _V(2, 4, True, False),
+                   _V(2, 16, True, False), _V(2, 16, False, False),
+                   _V(4, 16, True, True), _V(4, 1, False, True), _V(2, 16, True, True), _V(8, 1, False, True))
+SMALL_VARIANTS = (dict(FUSED_REDUCE=True),)     # merged over pick_config's choice, at C < 1000
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
@@ -219,10 +224,10 @@ class Bench:
                 shape = f"{R}x{C} {str(dt)[6:]}"
                 impls = [("triton", getattr(K, f"{kind}_loss")), ("eager", getattr(L, f"{kind}_loss"))]
                 if kind == "sequencematch": impls.append(("eager_anchors_formula", _anchors_seqmatch))
-                if kind == "sequencematch" and C >= 1000 and not self.a.dry_run and not compiled_only:
-                    # other layouts than the default (1 row / 4 warps per program), to tune pick_config on this GPU
+                if kind == "sequencematch" and not self.a.dry_run and not compiled_only:
+                    # other layouts than pick_config's, to tune it on this GPU
                     from . import _triton_losses as TL
-                    for cfg in TUNING_VARIANTS:
+                    for cfg in (TUNING_VARIANTS if C >= 1000 else SMALL_VARIANTS):
                         name = ",".join(k if v is True else f"{k}={v}" for k, v in cfg.items() if v is not False)
                         impls.append((f"triton[{name}]", lambda *a, cfg=cfg: TL.sequencematch_loss(*a, _config=cfg)))
                 if compiled_only:

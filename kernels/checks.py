@@ -62,11 +62,13 @@ def _gen(seed):
 def logits(R_, C, dtype, device, seed, boost=12.0, layout="contiguous"):
     """Logits with a spike of random height on a random class, so that confidences cover (0, 1) at any C and some
     rows pass a 0.95 threshold. layout: 'contiguous', 'colstride' (every other column of a wider tensor),
-    'rowpad' (rows of a wider tensor), 'transposed' (a [C, R] tensor's transpose)."""
+    'rowpad' (rows of a wider tensor), 'transposed' (a [C, R] tensor's transpose), 'ties' (values in {0, 2, 4}: most
+    rows have several maxima, so the pseudo-label tests the first-maximum rule; no row is confident)."""
     g = _gen(seed)
     z = torch.randn(R_, C, generator=g) * 2
     spike = torch.rand(R_, generator=g) * boost
     z[torch.arange(R_), torch.randint(0, C, (R_,), generator=g)] += spike
+    if layout == "ties": z = torch.randint(0, 3, (R_, C), generator=g) * 2.0
     z = z.to(dtype)
     # keep every row's confidence away from the 0.95 threshold, where fp32 rounding (the GPU's approximate exp) could
     # flip a mask bit: push the max logit of such rows up by a few ulps' worth
@@ -623,6 +625,25 @@ def cases(device: str) -> dict:
         "refix_prefetch_5x1000": lambda: check_loss("refixmatch", 5, 1000, f32, dev, seed=20, config=dict(
             BLOCK_R=1, BLOCK_C=1024, ROW_TILES=3, PREFETCH=True, num_warps=4)),
         "seq_5000_f32": lambda: check_loss("sequencematch", 32, 5000, f32, dev, seed=15),
+        # tied maxima in the weak view: the pseudo-label is the first maximum (CE on every row: an all-ones mask)
+        "seq_ties_mask_ones": lambda: check_loss("sequencematch", 64, 10, f32, dev, layout="ties", mask_mode="ones",
+                                                 seed=26),
+        # FUSED_REDUCE: the row statistics in two multi-operand reductions, the loss terms in one (the 2-, 3- and
+        # 5-sum variants; the GPU's layouts at C = 1000 and 10; ties; prefetching)
+        "seq_fused_gpucfg_1000": lambda: check_loss("sequencematch", 6, 1000, f32, dev, seed=27, low_conf=True,
+                                                    config=_fused(gpu_cfg(6, 1000) if gpu_cfg else None)),
+        "seq_fused_gpucfg_448x10": lambda: check_loss("sequencematch", 448, 10, f32, dev, seed=28,
+                                                      config=_fused(gpu_cfg(448, 10) if gpu_cfg else None)),
+        "fix_fused_257x13_bf16": lambda: check_loss("fixmatch", 257, 13, bf16, dev, seed=29, config=_fused(None)),
+        "refix_fused_extmask": lambda: check_loss("refixmatch", 64, 100, f32, dev, mask_mode="external", seed=30,
+                                                  config=_fused(None)),
+        "seq_fused_ties_klall": lambda: check_loss("sequencematch", 64, 10, f32, dev, layout="ties", mask_mode="ones",
+                                                   kl_mask="all", seed=31, config=_fused(None)),
+        "seq_fused_prefetch_13x1000_bf16": lambda: check_loss("sequencematch", 13, 1000, bf16, dev, seed=32,
+                                                              low_conf=True, kl_mask="all", mask_mode="external",
+                                                              config=dict(BLOCK_R=2, BLOCK_C=1024, ROW_TILES=4,
+                                                                          PREFETCH=True, FUSED_REDUCE=True,
+                                                                          num_warps=4)),
         "seq_gpucfg_tiles_448x10": lambda: check_loss("sequencematch", 448, 10, f32, dev, seed=16,
                                                       config=gpu_cfg(448, 10) if gpu_cfg else None),
         "seq_gpucfg_448x100": lambda: check_loss("sequencematch", 48, 100, bf16, dev, seed=17,
@@ -684,6 +705,11 @@ def cases(device: str) -> dict:
         c["compile_losses_cudagraphs"] = lambda: check_compiled_losses(dev, mode="reduce-overhead", R_=448, C=10)
         c["compile_tokens_mae_cudagraphs"] = lambda: check_compiled_tokens_mae(dev, mode="reduce-overhead")
     return c
+
+
+def _fused(cfg):
+    "`cfg` (None: pick_config's choice for the shape) with the fused reductions on."
+    return {**(cfg or {}), "FUSED_REDUCE": True}
 
 
 def _tok_gpu_cfg(D, elem):
