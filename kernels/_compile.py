@@ -88,7 +88,7 @@ def loss(logits_w, logits_m, logits_s, threshold, T, mask, low_conf, kl_mode):
     threshold, T, ext = check_losses(named, threshold, T, mask)
     write_grad = torch.is_grad_enabled() and (logits_s.requires_grad or
                                               (logits_m is not None and logits_m.requires_grad))
-    out, m, _, _ = consistency_loss(logits_w, logits_m, logits_s, ext, threshold, T, bool(low_conf),
+    out, m, _, _ = consistency_loss(logits_w.detach(), logits_m, logits_s, ext, threshold, T, bool(low_conf),
                                     kl_mode, write_grad)
     return out, (m if ext is None else ext)
 
@@ -135,7 +135,7 @@ gather_tokens_op.register_autograd(_gather_backward, setup_context=_gather_setup
 
 def gather_tokens(x, ids):
     "The compiled path of `ssl_nb.kernels.gather_tokens`."
-    B, N, D, K = check_gather(x, ids, distinct=True)
+    B, N, D, K = check_gather(x, ids, distinct=True, values=False)
     if B * K * D == 0:
         from .reference import gather_tokens_ref
         return gather_tokens_ref(x, ids)
@@ -196,7 +196,7 @@ scatter_tokens_op.register_autograd(_scatter_backward, setup_context=_scatter_se
 
 def scatter_tokens(tokens, ids, N, fill):
     "The compiled path of `ssl_nb.kernels.scatter_tokens`."
-    B, N, D, K = check_scatter(tokens, ids, N, fill)
+    B, N, D, K = check_scatter(tokens, ids, N, fill, values=False)
     if B * D == 0:
         from .reference import scatter_tokens_ref
         return scatter_tokens_ref(tokens, ids, N, fill)

@@ -42,12 +42,11 @@ def _int(name, v, lo=1):
     return int(v)
 
 
-def _ids(ids, B, K, N, distinct):
+def _ids(ids, B, K, N, distinct, values=True):
     if ids.dtype not in (torch.int32, torch.int64):
         raise ConfigError(f"ids must be int32 or int64; got {ids.dtype}.")
     if ids.shape[0] != B: raise ConfigError(f"ids must have {B} rows (one per sample); got shape {tuple(ids.shape)}.")
-    # (traced by torch.compile: the values are checked when the op's body runs, on the real CPU ids)
-    if ids.device.type == "cpu" and not torch.compiler.is_compiling(): check_ids_values(ids, N, distinct)
+    if values and ids.device.type == "cpu": check_ids_values(ids, N, distinct)
 
 
 def check_ids_values(ids, N, distinct):
@@ -60,17 +59,18 @@ def check_ids_values(ids, N, distinct):
         raise ConfigError("ids must hold distinct indices within each row (as MAE's keep-ids do).")
 
 
-def check_gather(x, ids, distinct=False):
-    "x [B, N, D], ids [B, K] int32/int64 in [0, N). Returns (B, N, D, K)."
+def check_gather(x, ids, distinct=False, values=True):
+    """x [B, N, D], ids [B, K] int32/int64 in [0, N). Returns (B, N, D, K). `values=False`: shapes and dtypes only
+    (`_compile.py` traces with fake tensors; the custom op's body checks CPU ids' values when it runs)."""
     _tensor("x", x, 3); _tensor("ids", ids, 2); _float("x", x); _same_device(x=x, ids=ids)
     B, N, D = x.shape
     K = ids.shape[1]
-    _ids(ids, B, K, N, distinct)
+    _ids(ids, B, K, N, distinct, values)
     return B, N, D, K
 
 
-def check_scatter(tokens, ids, N, fill):
-    "tokens [B, K, D], ids [B, K] distinct in [0, N), fill with D elements. Returns (B, N, D, K)."
+def check_scatter(tokens, ids, N, fill, values=True):
+    "tokens [B, K, D], ids [B, K] distinct in [0, N), fill with D elements. Returns (B, N, D, K). `values`: as above."
     _tensor("tokens", tokens, 3); _tensor("ids", ids, 2); _tensor("fill", fill); _float("tokens", tokens)
     _float("fill", fill); _same_device(tokens=tokens, ids=ids, fill=fill)
     B, K, D = tokens.shape
@@ -80,7 +80,7 @@ def check_scatter(tokens, ids, N, fill):
     if fill.numel() != D or fill.squeeze().ndim > 1 or (fill.ndim and fill.shape[-1] != D):
         raise ConfigError(f"fill must be a mask-token vector of {D} elements ([D] or MAE's [1, 1, D]); "
                           f"got shape {tuple(fill.shape)}.")
-    _ids(ids, B, K, N, True)
+    _ids(ids, B, K, N, True, values)
     return B, N, D, K
 
 

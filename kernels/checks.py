@@ -439,6 +439,16 @@ def check_cpu_dispatch(device):
 
 
 # ---------------------------------------------------------------------------------------------------- torch.compile
+def _with_backend(name, fn, *args):
+    "fn(*args) with SSL_NB_KERNELS=name."
+    saved = os.environ.get("SSL_NB_KERNELS")
+    os.environ["SSL_NB_KERNELS"] = name
+    try:
+        return fn(*args)
+    finally:
+        os.environ["SSL_NB_KERNELS"] = saved if saved is not None else "auto"
+
+
 def _compiled(fn, device, mode=None, backend=None):
     "`torch.compile(fn, fullgraph=True)`: inductor on CUDA (with `mode`), aot_eager on the CPU unless `backend`."
     torch._dynamo.reset()
@@ -463,9 +473,7 @@ def _run_compiled(device, step, make_inputs, grad_names, tol, ops, mode=None, ca
         for impl in ("ref", "compiled"):
             ins = {k: (v.detach().clone().requires_grad_() if k in grad_names else v) for k, v in inputs.items()}
             if impl == "ref":
-                saved = os.environ.get("SSL_NB_KERNELS"); os.environ["SSL_NB_KERNELS"] = "torch"
-                try: out = step(K, *ins.values())
-                finally: os.environ["SSL_NB_KERNELS"] = saved if saved is not None else "auto"
+                out = _with_backend("torch", step, K, *ins.values())
             else:
                 if mode == "reduce-overhead": torch.compiler.cudagraph_mark_step_begin()
                 out = cstep(*ins.values())
@@ -556,6 +564,12 @@ def check_compiled_errors(device):
            "mae patch": lambda: K.masked_patch_mse(torch.randn(1, 4, 48, device=device),
                                                    torch.randn(1, 3, 10, 8, device=device),
                                                    torch.ones(1, 4, device=device), 4)}
+    if device == "cpu":     # id values: checked when the op's body runs (Triton) or by the traced reference (torch)
+        ids = torch.tensor([[1, 1, 2, 3], [0, 3, 5, 6]])
+        bad["duplicate ids (op body)"] = lambda: K.scatter_tokens(x[:, :4], ids, 16, torch.zeros(8))
+        bad["ids out of range (op body)"] = lambda: K.gather_tokens(x, ids + 13)
+        bad["duplicate ids (reference)"] = lambda: _with_backend("torch", K.scatter_tokens, x[:, :4], ids, 16,
+                                                                 torch.zeros(8))
     missed = []
     for name, f in bad.items():
         torch._dynamo.reset()

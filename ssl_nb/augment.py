@@ -396,12 +396,14 @@ class View:
 def make_views(mean, std, image_size: int, ra_position: str = "after", crop_size=None, pad_frac: float = 0.125, *,
                pad: int | None = None, order: str | None = None, flip: bool = True,
                channels_last: bool = False) -> dict:
-    "The `weak`, `medium`, `strong` and `eval` views of a dataset with square images of side `image_size`."
+    """The `weak`, `medium`, `strong` and `eval` views of a dataset with square images of side `image_size`; `order`
+    and `pad` default to the pipeline of the codebase `ra_position` names (USB for "after", TorchSSL for "before")."""
     if not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(f"image_size={image_size!r}; it must be the images' side in px (an int).")
-    pad = int(pad_frac * image_size) if pad is None else pad
-    order = order or ("crop_flip" if ra_position == "after" else "flip_crop")
     crop = None if crop_size is None or _size2(crop_size, None) == (image_size, image_size) else crop_size
+    if pad is None:
+        pad = 4 if ra_position == "before" else (0 if crop is not None else int(pad_frac * image_size))
+    order = order or ("crop_flip" if ra_position == "after" else "flip_crop")
     kw = dict(ra_position=ra_position, crop_size=crop, pad=pad, flip=flip, order=order, channels_last=channels_last)
     return {"weak": View(mean, std, n_ops=0, name="weak", **kw),
             "medium": View(mean, std, n_ops=1, name="medium", **kw),

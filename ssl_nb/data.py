@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 from .core import ConfigError, DataError, Registry, get_device
 
 # %% auto #0
-__all__ = ['NORM_STATS', 'DEFAULT_DATA_ROOT', 'DATASETS', 'FASHION_CLASSES', 'STL10_PIXELS', 'IMG_EXTENSIONS', 'ImageDataset',
-           'read_idx', 'load_dataset', 'ImageFiles', 'split_labeled', 'InfiniteSampler', 'SSLLoader']
+__all__ = ['NORM_STATS', 'USB_NORM_STATS', 'DEFAULT_DATA_ROOT', 'DATASETS', 'FASHION_CLASSES', 'STL10_PIXELS', 'IMG_EXTENSIONS',
+           'ImageDataset', 'read_idx', 'load_dataset', 'ImageFiles', 'split_labeled', 'InfiniteSampler', 'SSLLoader']
 
 # %% ../nbs/01_data.ipynb #e821d949
 NORM_STATS = {  # name -> (mean, std) per channel, 0-1 scale
@@ -28,6 +28,9 @@ NORM_STATS = {  # name -> (mean, std) per channel, 0-1 scale
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "digits": ((0.3055,), (0.3759,)),
 }
+# what USB's pipeline uses instead (`semilearn/datasets/cv_datasets/cifar.py`: CIFAR-10 with ImageNet's statistics;
+# the other datasets agree with the table above). Runs whose views follow USB (ra_position="after") take these.
+USB_NORM_STATS = {"cifar10": NORM_STATS["imagenet"]}
 
 # %% ../nbs/01_data.ipynb #2fd1fd5a
 @dataclass(repr=False)

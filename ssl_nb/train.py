@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .core import (ALGORITHMS, CheckpointError, ConfigError, NonFiniteLossError, DistEnv, all_reduce_mean, is_dist,
                          atomic_save, atomic_write_text, autocast, barrier, get_device, init_distributed,
                          load_checkpoint, resolve_run_dir, seed_everything, unwrap)
-from .data import DATASETS, SSLLoader, load_dataset, split_labeled
+from .data import DATASETS, USB_NORM_STATS, SSLLoader, load_dataset, split_labeled
 from .augment import make_views
 from .models import MODELS, create as create_model, param_groups
 
@@ -320,8 +320,10 @@ def prepare_data(cfg: TrainConfig) -> RunData:
     ulb = train.subset(ulb_idx)
     if cfg.dataset == "stl10": ulb = ulb.concat(load_dataset("stl10", "unlabeled", cfg.data_root))
     if cfg.eval_limit is not None and cfg.eval_limit < len(test): test = test.subset(range(cfg.eval_limit))
+    mean, std = tuple(train.mean), tuple(train.std)
+    if cfg.ra_position == "after": mean, std = USB_NORM_STATS.get(cfg.dataset, (mean, std))   # USB's pipeline
     return RunData(train.subset(lb_idx), ulb, test, train.num_classes, train.in_chans, train.image_size[0],
-                   tuple(train.mean), tuple(train.std))
+                   tuple(mean), tuple(std))
 
 # %% ../nbs/05_train.ipynb #c8d935ea
 _NO_BAD_STEP = 2**62

@@ -383,10 +383,16 @@ def test_views_determinism_shapes_and_describe():
     d = {k: v.describe() for k, v in make_views((0.5,) * 3, (0.25,) * 3, 96, ra_position="before").items()}
     assert (d["weak"]["n_ops"], d["medium"]["n_ops"], d["strong"]["n_ops"]) == (0, 1, 3)
     assert (d["weak"]["cutout"], d["medium"]["cutout"], d["strong"]["cutout"]) == (False, True, True)
-    assert d["strong"]["pad"] == 12 and d["strong"]["ra_position"] == "before" and d["strong"]["order"] == "flip_crop"
+    # TorchSSL ("before") pads 4 px at every size; USB ("after") int(s / 8): 12 px at 96
+    assert d["strong"]["pad"] == 4 and d["strong"]["ra_position"] == "before" and d["strong"]["order"] == "flip_crop"
+    assert make_views((0.5,) * 3, (0.25,) * 3, 96)["strong"].describe()["pad"] == 12
     assert d["strong"]["ops"]["Solarize"] == [0, 256] and len(d["strong"]["ops"]) == 14
     assert d["eval"]["train"] is False
     assert make_views((0.5,), (0.25,), 28)["weak"].pad == 3
+    assert make_views((0.5,), (0.25,), 28, ra_position="before")["weak"].pad == 4
+    # ImageNet: a 224 crop of 256 px images; USB takes it without padding, TorchSSL with 4 px
+    assert make_views((0.5,) * 3, (0.25,) * 3, 256, crop_size=224)["weak"].pad == 0
+    assert make_views((0.5,) * 3, (0.25,) * 3, 256, ra_position="before", crop_size=224)["weak"].pad == 4
     assert make_views((0.5,), (0.25,), 32, pad=2)["weak"].pad == 2
 
 

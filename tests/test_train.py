@@ -444,3 +444,18 @@ def test_evaluate_file_backed_equals_in_memory(tmp_path):
     assert a["top1"] == b["top1"] and a["ece"] == b["ece"]
     torch.testing.assert_close(a["probs"], b["probs"])
     assert torch.equal(a["per_class"], b["per_class"])
+
+
+def test_views_follow_the_codebase_of_ra_position(tmp_path):
+    """CIFAR-10 is normalised with ImageNet's statistics in USB's pipeline (ra_position="after": FixMatch, SimMatch,
+    CoMatch) and with TorchSSL's in TorchSSL's ("before": SequenceMatch, ReFixMatch, FlexMatch); other datasets agree."""
+    from test_data import make_cifar10
+    from ssl_nb.data import NORM_STATS
+    make_cifar10(tmp_path, per_batch=40)          # random labels: 200 images hold every class
+    for algo, stats in [("fixmatch", NORM_STATS["imagenet"]), ("simmatch", NORM_STATS["imagenet"]),
+                        ("sequencematch", NORM_STATS["cifar10"]), ("refixmatch", NORM_STATS["cifar10"])]:
+        d = prepare_data(make_config(algo, dataset="cifar10", data_root=str(tmp_path), num_labels=10,
+                                     run_dir=str(tmp_path / algo)))
+        assert (d.mean, d.std) == stats, algo
+    fm = dict(dataset="fashion_mnist", num_labels=40, run_dir=str(tmp_path / "fm"))
+    assert prepare_data(make_config("fixmatch", **fm)).mean == prepare_data(make_config("sequencematch", **fm)).mean
