@@ -146,7 +146,7 @@ def gather_tokens(x, ids):
 def scatter_tokens_op(tokens: Tensor, ids: Tensor, N: int, fill: Tensor, write_inv: bool) -> tuple[Tensor, Tensor]:
     "(the K tokens in N slots, `fill` elsewhere; the inverse index int32 [B, N] or empty unless `write_inv`)."
     calls["scatter_tokens"] += 1
-    out, inv = module_for(tokens, "_triton_tokens")._scatter_fwd(tokens, ids, N, fill, True, write_inv, None)
+    out, inv = module_for(tokens, "_triton_tokens")._scatter_fwd(tokens, ids, N, fill, write_inv, None)
     return out, _absent(ids, I32) if inv is None else inv
 
 

@@ -312,12 +312,12 @@ def gather_backward(g, inv, N, config=None):
     return gx
 
 
-def _scatter_fwd(tokens, ids, N, fill, need_grad, need_f, config):
+def _scatter_fwd(tokens, ids, N, fill, need_f, config):
     """The scatter forward and, when need_f, the inverse index the fill gradient needs: (out, inv or None), or None
     when there is nothing to launch. Cached as `_gather_fwd`."""
     try:
         if type(N) is not int: raise AttributeError
-        key = ("scatter", _tk(tokens), _tk(ids), _tk(fill), N, need_grad, need_f, _ck(config))
+        key = ("scatter", _tk(tokens), _tk(ids), _tk(fill), N, need_f, _ck(config))
     except AttributeError:
         key = None
     ent = _CACHE.get(key) if key is not None else None
@@ -406,7 +406,7 @@ def scatter_tokens(tokens, ids, N, fill, *, _config=None):
         need_grad = need_f or (grad and tokens.requires_grad)
     except AttributeError:
         need_f = need_grad = False
-    res = _scatter_fwd(tokens, ids, N, fill, need_grad, need_f, _config)
+    res = _scatter_fwd(tokens, ids, N, fill, need_f, _config)
     if res is None: return scatter_tokens_ref(tokens, ids, N, fill)   # nothing to launch
     out, inv = res
     if not need_grad: return out
