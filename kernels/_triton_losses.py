@@ -317,16 +317,20 @@ _grad_enabled = torch.is_grad_enabled
 def pick_config(R: int, C: int, interpret: bool = INTERPRETED, views: int = 3) -> dict:
     """Block sizes. GPU: one row per tile from C ~ 1000 up (Liger's layout; 16 prefetched rows per program for large
     batches), several rows per tile for small C, and a single program (no partial-sum launch) when the whole batch is
-    <= 4 tiles. Interpreter: large blocks, since each program instance costs milliseconds."""
+    <= 4 tiles; FUSED_REDUCE (three reductions per row; on an H100, 2026-11-26, GPU time 22% lower for SequenceMatch
+    at 32768 x 1000 bf16, 9-13% for FixMatch and ReFixMatch at that size, 8-10% for SequenceMatch at 448 x 10, within
+    3% elsewhere: kernels/bench-h100-2026-11-26-1313-tune.md). Interpreter: large blocks, since each program instance
+    costs milliseconds, and the separate reductions (the interpreter runs a multi-operand reduction's combine function
+    in Python: 30x slower at 32 x 1024 tiles)."""
     BLOCK_C = max(16, min(next_pow2(C), MAX_BLOCK_C))
     if interpret:
         BLOCK_R = min(next_pow2(R), max(1, 32768 // BLOCK_C))
-        return dict(BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, ROW_TILES=1, num_warps=4)
+        return dict(BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, ROW_TILES=1, num_warps=4, FUSED_REDUCE=False)
     BLOCK_R = min(next_pow2(R), max(1, (2048 if BLOCK_C <= 128 else 1024) // BLOCK_C))
     tiles = cdiv(R, BLOCK_R)
     tile = BLOCK_R * BLOCK_C
     cfg = dict(BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, ROW_TILES=tiles if tiles <= 4 else 1,
-               num_warps=4 if tile <= 1024 else (8 if tile <= 4096 else 16))
+               num_warps=4 if tile <= 1024 else (8 if tile <= 4096 else 16), FUSED_REDUCE=True)
     if views == 3 and BLOCK_R == 1 and R >= 8192 and C <= BLOCK_C:
         # many long rows: 16 rows per program, the next row's loads in flight during this row's math (SequenceMatch
         # on an H100, 2026-11-26: 8-9% faster forward at 8192 and 32768 x 1000 bf16 than one row per program; not

@@ -36,20 +36,32 @@ import traceback
 import torch
 
 COPY_KEY = "copy_TBps"
-# other layouts of the SequenceMatch kernel timed at C >= 1000, to tune pick_config: BLOCK_R rows per tile, num_warps,
-# ROW_TILES tiles per program, PREFETCH (the next tile's loads issued before this tile's math)
-# (each variant names ROW_TILES and PREFETCH itself: `_config` is merged over pick_config's choice for the shape)
+# other layouts of the loss kernel timed at C >= 1000, to tune pick_config: BLOCK_R rows per tile, num_warps,
+# ROW_TILES tiles per program, PREFETCH (the next tile's loads issued before this tile's math), FUSED_REDUCE (the row
+# statistics in two multi-operand reductions and the loss terms in one: 3 reductions per row instead of 13)
+# (each variant names every key itself: `_config` is merged over pick_config's choice for the shape)
 # The H100 sweep of 2026-11-26 (bench-h100-2026-11-26-sweep.md) found fewer warps per row faster (a row spread over
 # the program's warps costs ~38 barrier-separated cross-warp reductions per row: `_aot` shows warpsPerCTA [1, nw]
 # for every BLOCK_R) and 8 warps, or 2 rows per tile, slower; those are dropped here. One warp per row spills
-# registers under ptxas (255 registers + 140-432 bytes), so 2 warps is the floor; its prefetching layouts are new.
-# FUSED_REDUCE (new, not measured yet): 3 multi-operand reductions per row instead of 13, 9 barriers instead of 39 in
-# the compiled kernel at C = 1000 (same registers).
+# registers under ptxas (255 registers + 140-432 bytes), so 2 warps is the floor. The H100 run of 2026-11-26 13:04
+# (bench-h100-2026-11-26-1313-tune.md) then found FUSED_REDUCE 20% faster at 32768 x 1000 (forward 0.250 -> 0.197 ms):
+# pick_config's default since.
 _V = lambda nw, rt, pf, fr: dict(BLOCK_R=1, num_warps=nw, ROW_TILES=rt, PREFETCH=pf, FUSED_REDUCE=fr)
-TUNING_VARIANTS = (_V(4, 1, False, False), _V(2, 1, False, False), _V(4, 4, True, False), _V(2, 4, True, False),
-                   _V(2, 16, True, False), _V(2, 16, False, False),
-                   _V(4, 16, True, True), _V(4, 1, False, True), _V(2, 16, True, True), _V(8, 1, False, True))
-SMALL_VARIANTS = (dict(FUSED_REDUCE=True),)     # merged over pick_config's choice, at C < 1000
+TUNING_VARIANTS = (_V(4, 16, True, False), _V(4, 1, False, False), _V(4, 1, False, True), _V(2, 1, False, True),
+                   _V(2, 16, True, True), _V(8, 1, False, True))
+# the two-view kernel (FixMatch, ReFixMatch) with PREFETCH spills a register under ptxas: not timed
+TWO_VIEW_VARIANTS = (_V(4, 1, False, False), _V(2, 1, False, True), _V(4, 16, False, True), _V(8, 1, False, True))
+# at C < 1000 (merged over pick_config's choice): the unfused reductions; and, for the batches that pick_config gives
+# a single program (<= 4 tiles: 448 x 10), the tiles spread over 14 or 28 programs plus a partial-sum launch. The H100
+# run of 2026-11-26 13:13 measured one program at 448 x 10 slower on the GPU (0.0144 ms forward, graph) than 28
+# programs at 448 x 100 (0.0055 ms): one program walks its 4 tiles in sequence on one SM.
+SMALL_VARIANTS = (dict(FUSED_REDUCE=False), dict(BLOCK_R=32, ROW_TILES=1), dict(BLOCK_R=16, ROW_TILES=1))
+
+
+def tuning_variants(kind: str, C: int) -> tuple:
+    "The other layouts timed for one loss and class count (`--tune`: every loss; otherwise SequenceMatch only)."
+    if C < 1000: return SMALL_VARIANTS
+    return TUNING_VARIANTS if kind == "sequencematch" else TWO_VIEW_VARIANTS
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
@@ -224,12 +236,16 @@ class Bench:
                 shape = f"{R}x{C} {str(dt)[6:]}"
                 impls = [("triton", getattr(K, f"{kind}_loss")), ("eager", getattr(L, f"{kind}_loss"))]
                 if kind == "sequencematch": impls.append(("eager_anchors_formula", _anchors_seqmatch))
-                if kind == "sequencematch" and not self.a.dry_run and not compiled_only:
+                variants = set()
+                if (kind == "sequencematch" or self.a.tune) and not self.a.dry_run and not compiled_only:
                     # other layouts than pick_config's, to tune it on this GPU
                     from . import _triton_losses as TL
-                    for cfg in (TUNING_VARIANTS if C >= 1000 else SMALL_VARIANTS):
-                        name = ",".join(k if v is True else f"{k}={v}" for k, v in cfg.items() if v is not False)
-                        impls.append((f"triton[{name}]", lambda *a, cfg=cfg: TL.sequencematch_loss(*a, _config=cfg)))
+                    for cfg in tuning_variants(kind, C):
+                        name = [k if v is True else f"{k}={v}" for k, v in cfg.items() if v is not False]
+                        name += [] if cfg.get("FUSED_REDUCE", True) else ["no FUSED_REDUCE"]
+                        variants.add(f"triton[{','.join(name)}]")
+                        impls.append((f"triton[{','.join(name)}]", lambda *a, cfg=cfg, f=getattr(TL, f"{kind}_loss"):
+                                      f(*a, _config=cfg)))
                 if compiled_only:
                     if not self.compile_ok(f"{kind} {shape}"): continue
                     # the eager formula compiled, and the Triton op inside a compiled function (its custom op,
@@ -238,7 +254,10 @@ class Bench:
                              ("triton[torch.compile]", self.compiled(f"triton_{kind}", getattr(K, f"{kind}_loss")))]
                 small = R * C <= 1280 * 1000
                 for name, fn in impls:
-                    graph = small and name in ("triton", "eager")     # CUDA graphs: Triton vs eager only
+                    # CUDA graphs (GPU time without the host's noise): Triton vs eager at the small shapes, and
+                    # every layout variant
+                    graph = (small and name in ("triton", "eager")) or name in variants or (name == "triton"
+                                                                                          and bool(variants))
                     if compiled_only and name != "compiled" and not self.compile_ok(f"triton {kind} {shape}"): break
                     f = lambda fn=fn: _first(fn(*ins))
                     self.measure(f"{kind}_loss", shape, name, "fwd", f, fwd_floor, graph=graph)
@@ -515,6 +534,8 @@ def main(argv=None):
     ap.add_argument("--compile-reserve-s", type=float, default=25.0)
     ap.add_argument("--rep-ms", type=float, default=20.0, help="do_bench / do_bench_cudagraph rep (ms)")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--tune", action="store_true",
+                    help="time the other kernel layouts (tuning_variants) for every loss, not SequenceMatch only")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     ap.add_argument("--dry-run", action="store_true",

@@ -46,8 +46,12 @@ def event_ms(fn, iters=50):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compiled", action="store_true",
+                    help="instead: the GPU kernels of the fused SequenceMatch loss at 32768 x 1000 bf16, eager vs "
+                         "called inside torch.compile (its custom op), forward + torch.autograd.grad")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available(): raise SystemExit("cudaprof needs a CUDA GPU (hostprof.py works without one)")
+    if a.compiled: return compiled_kernels(a.out)
     import ssl_nb.kernels as K
     from ssl_nb import losses
     dev = "cuda"
@@ -125,6 +129,31 @@ def main(argv=None):
     say(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     if a.out:
         with open(f"{a.out}/cudaprof.txt", "w") as f: f.write(out.getvalue())
+    return 0
+
+
+def compiled_kernels(out_dir=None, R=32768, C=1000, calls=20):
+    "torch.profiler's CUDA kernel table of `calls` fused fwd + grad calls, eager and compiled (inductor)."
+    import ssl_nb.kernels as K
+    g = torch.Generator(device="cuda").manual_seed(0)
+    zw, zm, zs = (torch.randn(R, C, device="cuda", generator=g).mul_(3).bfloat16() for _ in range(3))
+    zm.requires_grad_(); zs.requires_grad_()
+    compiled = torch.compile(K.sequencematch_loss)
+    text = io.StringIO()
+    for name, fn in (("eager (autograd.Function)", K.sequencematch_loss), ("torch.compile (custom op)", compiled)):
+        step = lambda: torch.autograd.grad(fn(zw, zm, zs)[0], [zm, zs])
+        for _ in range(3): step()
+        torch.cuda.synchronize()
+        ms = event_ms(step, iters=20)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls): step()
+            torch.cuda.synchronize()
+        s = (f"\n== {name}: SequenceMatch {R}x{C} bf16 forward + autograd.grad, anchor {ms:.4f} ms; "
+             f"GPU kernels over {calls} calls:\n"
+             + prof.key_averages().table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70))
+        print(s, flush=True); text.write(s)
+    if out_dir:
+        with open(f"{out_dir}/cudaprof_compiled.txt", "w") as f: f.write(text.getvalue())
     return 0
 
 

@@ -8,7 +8,7 @@
 # the script builds the package layout itself in a temporary folder (ssl_nb/ + kernels/ -> ssl_nb/kernels) and puts
 # it on PYTHONPATH. Everything goes under OUT: checks.jsonl/.log, bench.md/.csv/.jsonl/.log, env.json, nvidia-smi.txt.
 # Each step has its own time limit (CHECKS_TIMEOUT_S, default 240; the benchmark's BENCH_BUDGET_S, default 150, plus
-# a hard 270 s), and a failing step does not stop the next one. Exit status: 0 when every check
+# a hard 270 s; BENCH_ARGS: more options of the benchmark), and a failing step does not stop the next one. Exit status: 0 when every check
 # passed and the benchmark finished.
 set -u
 OUT="${1:-${OUT:-./gpu_check_out}}"
@@ -51,7 +51,8 @@ grep '^FAIL' "$OUT/checks.log" | cut -c1-400
 
 # ---- 2. benchmark
 say "benchmark (python -m ssl_nb.kernels.bench)"
-timeout 270 "$PY" -m ssl_nb.kernels.bench --out "$OUT" --budget-s "${BENCH_BUDGET_S:-150}" 2>&1 \
+# shellcheck disable=SC2086   # BENCH_ARGS: more options, word-split (e.g. "--tune --no-compile --only losses")
+timeout 270 "$PY" -m ssl_nb.kernels.bench --out "$OUT" --budget-s "${BENCH_BUDGET_S:-150}" ${BENCH_ARGS:-} 2>&1 \
     | tee "$OUT/bench.log" | grep --line-buffered -E '\] (== |copy |env:|skip |wrote )|ERROR|Traceback' | cut -c1-300
 BENCH=${PIPESTATUS[0]}
 say "benchmark exit status $BENCH"
