@@ -43,24 +43,29 @@ COPY_KEY = "copy_TBps"
 # The H100 sweep of 2026-11-26 (bench-h100-2026-11-26-sweep.md) found fewer warps per row faster (a row spread over
 # the program's warps costs ~38 barrier-separated cross-warp reductions per row: `_aot` shows warpsPerCTA [1, nw]
 # for every BLOCK_R) and 8 warps, or 2 rows per tile, slower; those are dropped here. One warp per row spills
-# registers under ptxas (255 registers + 140-432 bytes), so 2 warps is the floor. The H100 run of 2026-11-26 13:04
-# (bench-h100-2026-11-26-1313-tune.md) then found FUSED_REDUCE 20% faster at 32768 x 1000 (forward 0.250 -> 0.197 ms):
-# pick_config's default since.
+# registers under ptxas (255 registers + 140-432 bytes), so 2 warps is the floor. The H100 runs of 2026-11-26 13:04
+# and 13:13 (bench-h100-2026-11-26-1304.md, -1313-tune.md) then found FUSED_REDUCE 22% faster at 32768 x 1000
+# (forward 0.244 -> 0.190 ms of GPU time): pick_config's default since.
 _V = lambda nw, rt, pf, fr: dict(BLOCK_R=1, num_warps=nw, ROW_TILES=rt, PREFETCH=pf, FUSED_REDUCE=fr)
 TUNING_VARIANTS = (_V(4, 16, True, False), _V(4, 1, False, False), _V(4, 1, False, True), _V(2, 1, False, True),
                    _V(2, 16, True, True), _V(8, 1, False, True))
 # the two-view kernel (FixMatch, ReFixMatch) with PREFETCH spills a register under ptxas: not timed
 TWO_VIEW_VARIANTS = (_V(4, 1, False, False), _V(2, 1, False, True), _V(4, 16, False, True), _V(8, 1, False, True))
-# at C < 1000 (merged over pick_config's choice): the unfused reductions; and, for the batches that pick_config gives
-# a single program (<= 4 tiles: 448 x 10), the tiles spread over 14 or 28 programs plus a partial-sum launch. The H100
-# run of 2026-11-26 13:13 measured one program at 448 x 10 slower on the GPU (0.0144 ms forward, graph) than 28
-# programs at 448 x 100 (0.0055 ms): one program walks its 4 tiles in sequence on one SM.
-SMALL_VARIANTS = (dict(FUSED_REDUCE=False), dict(BLOCK_R=32, ROW_TILES=1), dict(BLOCK_R=16, ROW_TILES=1))
+SMALL_VARIANTS = (dict(FUSED_REDUCE=False),)     # at C < 1000, merged over pick_config's choice
+# where pick_config gives the whole batch to a single program (<= 4 tiles: 448 x 10): the tiles spread over 14 or 28
+# programs plus a partial-sum launch, or the single program with the next tile's loads issued before this tile's
+# math. The H100 run of 2026-11-26 13:13 measured one program at 448 x 10 slower on the GPU (0.0144 ms forward,
+# graph) than 28 programs at 448 x 100 (0.0055 ms): one program walks its 4 tiles in sequence on one SM.
+ONE_PROGRAM_VARIANTS = (dict(BLOCK_R=32, ROW_TILES=1, num_warps=4), dict(BLOCK_R=16, ROW_TILES=1, num_warps=4),
+                        dict(PREFETCH=True))
 
 
-def tuning_variants(kind: str, C: int) -> tuple:
-    "The other layouts timed for one loss and class count (`--tune`: every loss; otherwise SequenceMatch only)."
-    if C < 1000: return SMALL_VARIANTS
+def tuning_variants(kind: str, R: int, C: int) -> tuple:
+    "The other layouts timed for one loss and shape (`--tune`: every loss; otherwise SequenceMatch only)."
+    if C < 1000:
+        from ._triton_losses import pick_config
+        one_program = pick_config(R, C, interpret=False)["ROW_TILES"] > 1
+        return SMALL_VARIANTS + (ONE_PROGRAM_VARIANTS if one_program else ())
     return TUNING_VARIANTS if kind == "sequencematch" else TWO_VIEW_VARIANTS
 
 
@@ -240,7 +245,7 @@ class Bench:
                 if (kind == "sequencematch" or self.a.tune) and not self.a.dry_run and not compiled_only:
                     # other layouts than pick_config's, to tune it on this GPU
                     from . import _triton_losses as TL
-                    for cfg in tuning_variants(kind, C):
+                    for cfg in tuning_variants(kind, R, C):
                         name = [k if v is True else f"{k}={v}" for k, v in cfg.items() if v is not False]
                         name += [] if cfg.get("FUSED_REDUCE", True) else ["no FUSED_REDUCE"]
                         variants.add(f"triton[{','.join(name)}]")
