@@ -8,8 +8,8 @@
 # the script builds the package layout itself in a temporary folder (ssl_nb/ + kernels/ -> ssl_nb/kernels) and puts
 # it on PYTHONPATH. Everything goes under OUT: checks.jsonl/.log, bench.md/.csv/.jsonl/.log, env.json, nvidia-smi.txt.
 # Each step has its own time limit (CHECKS_TIMEOUT_S, default 240; the benchmark's BENCH_BUDGET_S, default 150, plus
-# a hard 270 s; BENCH_ARGS: more options of the benchmark), and a failing step does not stop the next one. Exit status: 0 when every check
-# passed and the benchmark finished.
+# a hard 270 s; BENCH_ARGS: more options of the benchmark), and a failing step does not stop the next one. Exit
+# status: 0 when every check passed and the benchmark finished.
 set -u
 OUT="${1:-${OUT:-./gpu_check_out}}"
 mkdir -p "$OUT"
