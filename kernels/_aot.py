@@ -86,7 +86,7 @@ def gpu_configs():
     tensors of the same shapes (inside `capture`, nothing runs)."""
     import torch
     from . import _triton_losses as TL, _triton_mae as TM, _triton_tokens as TT
-    from .bench import TUNING_VARIANTS, TWO_VIEW_VARIANTS, tuning_variants
+    from .bench import tuning_variants
     from .checks import BENCH_LOSS_SHAPES
     f32, bf16 = torch.float32, torch.bfloat16
     for (R, C, dt) in BENCH_LOSS_SHAPES + [(448, 13, f32), (64, 5000, f32)]:
@@ -95,9 +95,9 @@ def gpu_configs():
         TL.launch(z[0], None, z[2], None, 0.95, 0.5, False, True, True)            # refixmatch
         TL.launch(z[0], z[1], z[2], None, 0.95, 0.5, True, False, True)            # sequencematch
     z = [torch.empty(32768, 1000, dtype=bf16) for _ in range(3)]
-    for cfg in TUNING_VARIANTS:                                                    # the benchmark's tuning variants
+    for cfg in tuning_variants("sequencematch", 32768, 1000):                       # the benchmark's tuning variants
         TL.launch(z[0], z[1], z[2], None, 0.95, 0.5, True, False, True, config=cfg)
-    for cfg in TWO_VIEW_VARIANTS:
+    for cfg in tuning_variants("fixmatch", 32768, 1000):
         TL.launch(z[0], None, z[2], None, 0.95, 0.5, False, False, True, config=cfg)    # fixmatch (2-sum)
         TL.launch(z[0], None, z[2], None, 0.95, 0.5, False, True, True, config=cfg)     # refixmatch (3-sum)
     for (R, C, dt) in BENCH_LOSS_SHAPES[:2]:

@@ -321,7 +321,7 @@ def pick_config(R: int, C: int, interpret: bool = INTERPRETED, views: int = 3) -
     at 32768 x 1000 bf16, 9-13% for FixMatch and ReFixMatch at that size, 8-10% for SequenceMatch at 448 x 10, within
     3% elsewhere: kernels/bench-h100-2026-11-26-1313-tune.md). Interpreter: large blocks, since each program instance
     costs milliseconds, and the separate reductions (the interpreter runs a multi-operand reduction's combine function
-    in Python: 30x slower at 32 x 1024 tiles)."""
+    in Python, element by element: kernels/README.md, design section 1)."""
     BLOCK_C = max(16, min(next_pow2(C), MAX_BLOCK_C))
     if interpret:
         BLOCK_R = min(next_pow2(R), max(1, 32768 // BLOCK_C))
