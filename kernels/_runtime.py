@@ -7,6 +7,7 @@ decorators run (triton decides interpreter vs compiled mode per decorated functi
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import sys
 
@@ -82,6 +83,41 @@ def is_interpreted(kernel) -> bool:
     "True when `kernel` and triton's own library functions (tl.max, tl.sum, ...) all run in the interpreter."
     import triton.language as tl
     return all(type(f).__name__ == "InterpretedFunction" for f in (kernel, tl.standard.max))
+
+
+TICKET_RING = 1024      # ticket counters per device: launches in flight at once on different streams, at most
+_tickets: dict = {}
+_next_slot = itertools.count()
+
+
+def ticket_counters(device: torch.device):
+    """The device's ring of int32 ticket counters (zeros) for kernels whose last program sums the others' partials
+    (`_triton_losses._sum_partials`), or None while a CUDA graph is being captured and the ring does not exist yet
+    (the caller then takes its two-launch path). A ticket counter goes back to 0 at the end of every launch that used
+    it, so the ring is allocated once, on a stream of its own: allocations on another stream never come from a CUDA
+    graph's memory pool (torch.compile's CUDA graphs route only the capturing stream's allocations to their pool),
+    whose blocks may be handed out again when the graph's pool state is restored."""
+    key = (device.type, device.index)
+    t = _tickets.get(key)
+    if t is None:
+        if device.type != "cuda":
+            t = torch.zeros(TICKET_RING, dtype=torch.int32, device=device)
+        else:
+            if torch.cuda.is_current_stream_capturing(): return None
+            cur = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                t = torch.zeros(TICKET_RING, dtype=torch.int32, device=device)
+            cur.wait_stream(side)
+        _tickets[key] = t
+    return t
+
+
+def ticket_slot() -> int:
+    """The ticket counter of the next launch: a new one per call, so that launches running at once on different
+    streams never share one (a CUDA graph replays the slot it captured)."""
+    return next(_next_slot) % TICKET_RING
 
 
 def next_pow2(n: int) -> int:

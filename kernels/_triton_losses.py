@@ -10,7 +10,8 @@ import triton.language as tl
 
 
 from ._launch import Launcher
-from ._runtime import align, is_interpreted, cdiv, first_order_only, next_pow2
+from ._runtime import align, is_interpreted, cdiv, first_order_only, next_pow2, ticket_counters, ticket_slot
+from ._triton_reduce import FINAL_BLOCK, sum_partials
 from ._validate import check_losses, kl_mode_of
 
 NEG = tl.constexpr(-1.0e30)   # padding logit: exp(NEG - max) == 0, and NEG * 0 == 0 (no inf * 0 NaN)
@@ -139,14 +140,15 @@ def _softmax_tile(z, inv_T, SHARP: tl.constexpr):
     return m, e, tl.sum(e, axis=1), eT, tl.sum(eT, axis=1)
 
 
-@triton.jit(do_not_specialize=["R", "C"])
+@triton.jit(do_not_specialize=["R", "C", "slot"])
 def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_sc,
-                        mask_ptr, s_mask, gm_ptr, gs_ptr, mask_out_ptr, part_ptr,
+                        mask_ptr, s_mask, gm_ptr, gs_ptr, mask_out_ptr, part_ptr, count_ptr, slot,
                         R, C, threshold, inv_T, inv_R,
                         HAS_M: tl.constexpr, HAS_MASK: tl.constexpr, LOW_CONF: tl.constexpr,
                         NEED_TW: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                         ROW_TILES: tl.constexpr, ONE_BLOCK: tl.constexpr, ALIGN: tl.constexpr,
-                        PREFETCH: tl.constexpr, KL_MODE: tl.constexpr, FUSED_REDUCE: tl.constexpr):
+                        PREFETCH: tl.constexpr, KL_MODE: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+                        LAST_PROGRAM_SUMS: tl.constexpr):
     """Rows [pid * ROW_TILES * BLOCK_R, ...): for each tile of BLOCK_R rows, the softmax statistics of every view, the
     pseudo-label, the masks, the row losses and the gradients (written now, scaled by grad_output in backward).
     ALIGN (a power of 2 the host found to divide C and the row strides) lets the compiler see that rows start on
@@ -157,7 +159,9 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
     computed, so that their memory latency overlaps the arithmetic and reductions of this one.
     FUSED_REDUCE (ONE_BLOCK): the row statistics in two multi-operand reductions and the four loss terms in one
     (`_stats_fused`, `_terms`' ONE_SUM): 3 reductions per row instead of 13, i.e. fewer cross-warp exchanges, each
-    a shared-memory round trip between barriers, when a row spans several warps (C ~ 1000)."""
+    a shared-memory round trip between barriers, when a row spans several warps (C ~ 1000).
+    LAST_PROGRAM_SUMS (several programs): the loss summed over the programs in this launch (`sum_partials`, with the
+    ticket counter count_ptr[slot]; the loss at part[0]) instead of by a second launch over the partials."""
     if ALIGN > 1:   # identities, written so that the compiler's alignment analysis can see them
         C = (C // ALIGN) * ALIGN
         s_wr = (s_wr // ALIGN) * ALIGN
@@ -292,7 +296,10 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
         else:
             row = (msk * ce + g_ws * kl_ws + g_wm * kl_wm + g_ms * kl_ms) * inv_R
         acc += tl.where(rmask, row, 0.0)
-    tl.store(part_ptr + pid, tl.sum(acc, axis=0))
+    if LAST_PROGRAM_SUMS:
+        sum_partials(part_ptr, count_ptr + slot, tl.sum(acc, axis=0), FINAL_BLOCK)
+    else:
+        tl.store(part_ptr + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -342,7 +349,7 @@ def pick_config(R: int, C: int, interpret: bool = INTERPRETED, views: int = 3) -
 class _Plan:
     "Everything about a call that follows from its key: sizes, strides, grid, meta-parameters, the launcher."
     __slots__ = ("R", "C", "grid", "launcher", "strides", "s_mask", "has_m", "write_grad", "buf", "inv_R", "dev",
-                 "dt_m", "dt_s", "part_shape", "scales")
+                 "dt_m", "dt_s", "part_shape", "scales", "tickets")
 
 
 _PLANS: dict = {}
@@ -357,14 +364,18 @@ def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config, kl_mode=0,
     cfg = dict(pick_config(R, C, views=3 if has_m else 2))
     if config: cfg.update(config)
     BR, BC, RT = cfg["BLOCK_R"], cfg["BLOCK_C"], cfg["ROW_TILES"]
+    grid = cdiv(R, BR * RT)
+    # the sum over programs in the same launch: needs the device's ticket counters (none while a CUDA graph is being
+    # captured before they exist: then the partials are summed by a second launch)
+    tickets = ticket_counters(zs.device) if cfg.get("LAST_PROGRAM_SUMS") and grid > 1 else None
     contiguous_cols = sw[1] == sm[1] == ss[1] == 1
     meta = dict(HAS_M=has_m, HAS_MASK=mask is not None, LOW_CONF=low_conf, NEED_TW=has_m or low_conf,
                 WRITE_GRAD=write_grad, BLOCK_R=BR, BLOCK_C=BC, ROW_TILES=RT, ONE_BLOCK=C <= BC,
                 PREFETCH=bool(cfg.get("PREFETCH", False)) and C <= BC and RT > 1, KL_MODE=kl_mode,
-                FUSED_REDUCE=bool(cfg.get("FUSED_REDUCE", False)) and C <= BC,
+                FUSED_REDUCE=bool(cfg.get("FUSED_REDUCE", False)) and C <= BC, LAST_PROGRAM_SUMS=tickets is not None,
                 ALIGN=align(C, sw[0], sm[0], ss[0]) if contiguous_cols else 1, num_warps=cfg["num_warps"])
     p = _Plan()
-    p.R, p.C, p.grid = R, C, cdiv(R, BR * RT)
+    p.R, p.C, p.grid, p.tickets = R, C, grid, tickets
     p.launcher = Launcher(_consistency_kernel, (p.grid,), meta)
     p.strides = (sw[0], sw[1], sm[0], sm[1], ss[0], ss[1])
     p.s_mask = mask.stride(0) if mask is not None else 0
@@ -376,7 +387,8 @@ def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config, kl_mode=0,
     p.dt_s, p.dt_m = grad_dtype(zs.dtype), (grad_dtype(zm.dtype) if has_m else None)
     # gradients: one [2, R, C] buffer (medium, strong) when the dtypes agree, so that backward is one launch
     p.buf = 0 if not write_grad else (1 if has_m and p.dt_m == p.dt_s and not separate else 2)
-    p.part_shape = (p.grid,) if p.grid > 1 else ()
+    # the partial sums per program; with tickets, the loss first and the partials after it
+    p.part_shape = (grid + 1,) if tickets is not None else (grid,) if grid > 1 else ()
     # backward: one in-place scale per gradient tensor (the [2, R, C] buffer, or grad_s and grad_m)
     sizes = [] if not write_grad else [2 * R * C] if p.buf == 1 else [R * C] * (1 + has_m)
     p.scales = tuple((n, Launcher(_scale_kernel, (cdiv(n, SCALE_BLOCK),), dict(BLOCK=SCALE_BLOCK, num_warps=4)))
@@ -402,12 +414,15 @@ def _execute(p: _Plan, zw, zm, zs, mask, threshold: float, inv_T: float):
         mask_in = part
     else:
         mask_in, mask_out = mask, part
+    tickets = p.tickets
     p.launcher(zw, zm if p.has_m else zs, zs, *p.strides, mask_in, p.s_mask, part if gm is None else gm,
-               part if gs is None else gs, mask_out, part, R, C, threshold, inv_T, p.inv_R)
+               part if gs is None else gs, mask_out, part, part if tickets is None else tickets,
+               0 if tickets is None else ticket_slot(), R, C, threshold, inv_T, p.inv_R)
     if p.buf == 0: grads = ()
     elif p.buf == 1: grads = (buf,)
     else: grads = (gs,) if gm is None else (gs, gm)
-    return (part if p.grid == 1 else part.sum()), mask, gm, gs, tuple(zip(grads, p.scales))
+    loss = part if p.grid == 1 else part.sum() if tickets is None else part[0]
+    return loss, mask, gm, gs, tuple(zip(grads, p.scales))
 
 
 def launch(zw, zm, zs, mask, threshold, T, has_m, low_conf, write_grad, config=None, kl_mode=0):

@@ -53,20 +53,26 @@ TUNING_VARIANTS = (_V(4, 16, True, False), _V(4, 1, False, False), _V(4, 1, Fals
 TWO_VIEW_VARIANTS = (_V(4, 1, False, False), _V(2, 1, False, True), _V(4, 16, False, True), _V(8, 1, False, True))
 SMALL_VARIANTS = (dict(FUSED_REDUCE=False),)     # at C < 1000, merged over pick_config's choice
 # where pick_config gives the whole batch to a single program (<= 4 tiles: 448 x 10): the tiles spread over 14 or 28
-# programs plus a partial-sum launch, or the single program with the next tile's loads issued before this tile's
-# math. The H100 run of 2026-11-26 13:13 measured one program at 448 x 10 slower on the GPU (0.0144 ms forward,
-# graph) than 28 programs at 448 x 100 (0.0055 ms): one program walks its 4 tiles in sequence on one SM.
-ONE_PROGRAM_VARIANTS = (dict(BLOCK_R=32, ROW_TILES=1, num_warps=4), dict(BLOCK_R=16, ROW_TILES=1, num_warps=4),
-                        dict(PREFETCH=True))
+# programs, their partials summed by a second launch or by the last program in the same launch (LAST_PROGRAM_SUMS);
+# the single program with the next tile's loads issued before this tile's math; 2 tiles of 256 rows over 16 warps
+# (one 512-row tile spills registers under ptxas at 16 and 32 warps). The H100 run of 2026-11-26 13:13 measured one
+# program at 448 x 10 slower on the GPU (0.0144 ms forward, graph) than 28 programs at 448 x 100 (0.0055 ms): one
+# program walks its 4 tiles in sequence on one SM.
+_SPREAD = lambda br, last: dict(BLOCK_R=br, ROW_TILES=1, num_warps=4, LAST_PROGRAM_SUMS=last)
+ONE_PROGRAM_VARIANTS = (_SPREAD(32, False), _SPREAD(16, False), _SPREAD(32, True), _SPREAD(16, True),
+                        dict(PREFETCH=True), dict(BLOCK_R=256, ROW_TILES=2, num_warps=16))
+# where pick_config's layout has several programs: the partials summed in the same launch instead of by a second one
+SUM_VARIANTS = (dict(LAST_PROGRAM_SUMS=True),)
 
 
 def tuning_variants(kind: str, R: int, C: int) -> tuple:
     "The other layouts timed for one loss and shape (`--tune`: every loss; otherwise SequenceMatch only)."
+    from ._triton_losses import pick_config
+    cfg = pick_config(R, C, interpret=False, views=3 if kind == "sequencematch" else 2)
+    several = R > cfg["BLOCK_R"] * cfg["ROW_TILES"]
     if C < 1000:
-        from ._triton_losses import pick_config
-        one_program = pick_config(R, C, interpret=False)["ROW_TILES"] > 1
-        return SMALL_VARIANTS + (ONE_PROGRAM_VARIANTS if one_program else ())
-    return TUNING_VARIANTS if kind == "sequencematch" else TWO_VIEW_VARIANTS
+        return SMALL_VARIANTS + (SUM_VARIANTS if several else ONE_PROGRAM_VARIANTS)
+    return (TUNING_VARIANTS if kind == "sequencematch" else TWO_VIEW_VARIANTS) + SUM_VARIANTS
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
@@ -428,7 +434,7 @@ class Bench:
                   "graph+host = one replay of the captured call timed as anchor (events around `replay()`, sync "
                   "after each: what a step run from a CUDA graph pays). Speed-up = eager / triton on the same "
                   "method. %BW = floor bytes / do_bench time / copy bandwidth.", ""]
-        lines += self.targets()
+        lines += self.targets() + self.tuning_summary()
         by = {}
         for r in self.rows:
             if r["op"] == "copy" or r["mode"] == "launches": continue
@@ -497,6 +503,25 @@ class Bench:
             out.append(f"- gather_tokens fwd {shape}: " + (f"{p:.0f}% of copy bandwidth; target ≥ 70% on large "
                                                           f"shapes" if p else "not measured"))
         return out + [""]
+
+
+    def tuning_summary(self):
+        """Per loss and shape with layout variants: the fastest in GPU time (graph ms, fwd+bwd) against pick_config's
+        layout (the `triton` row), to tune pick_config from one run."""
+        out = []
+        for (op, shape) in dict.fromkeys((r["op"], r["shape"]) for r in self.rows if r["impl"].startswith("triton[")
+                                         and r["mode"] == "fwd+bwd" and r.get("graph_ms")):
+            rs = {r["impl"]: r["graph_ms"] for r in self.rows if (r["op"], r["shape"], r["mode"]) == (op, shape, "fwd+bwd")
+                  and r.get("graph_ms") and (r["impl"] == "triton" or r["impl"].startswith("triton["))}
+            base, eager = rs.get("triton"), next((r["graph_ms"] for r in self.rows if (r["op"], r["shape"], r["mode"],
+                                                  r["impl"]) == (op, shape, "fwd+bwd", "eager") and r.get("graph_ms")), None)
+            best = min(rs, key=rs.get)
+            line = f"- {op} {shape}: fastest {best} {rs[best]:.4f} ms"
+            if base: line += f"; pick_config's layout {base:.4f} ms ({100 * (rs[best] / base - 1):+.0f}%)"
+            if eager: line += f"; eager {eager:.4f} ms (×{eager / rs[best]:.1f} fastest, ×{eager / base:.1f} pick_config)" \
+                if base else ""
+            out.append(line)
+        return (["Layouts (GPU time of fwd+bwd replayed from a CUDA graph, `graph ms`):", ""] + out + [""]) if out else []
 
 
 @contextlib.contextmanager

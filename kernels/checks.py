@@ -330,6 +330,86 @@ def check_no_cycles(device):
     return not kept, f"kept alive by a cycle: {kept}" if kept else "all freed without the garbage collector"
 
 
+def check_sum_over_programs(device):
+    """`_triton_reduce.sum_partials` alone: many programs (more than the last program's load block, so it loops), each
+    adding a block of a vector, against a float64 sum; the same launch again is bitwise equal (the last program adds
+    the partials in index order, whichever finished last); the ticket counters are all back to 0. On CUDA, 2^17
+    programs racing for their tickets, repeated, and launches alternating between two streams."""
+    from ._runtime import _tickets
+    TR = triton_module("_triton_reduce", torch.device(device))
+    n, block = (1100, 1) if device == "cpu" else (1 << 17, 4)
+    pad = block // 2                  # ragged on CUDA: the last program's block is partly outside x
+    x = torch.randn(n * block - pad, generator=_gen(0)).to(device)
+    want = x.double().sum()
+    parts = [TR.sum_over_programs(x, block) for _ in range(2 if device == "cpu" else 20)]
+    res = [compare("total", parts[0][0], want.float(), atol=1e-4, rtol=1e-6),
+           compare("partials", parts[0][1:], torch.nn.functional.pad(x, (0, pad)).view(-1, block).sum(1),
+                   atol=1e-6, rtol=1e-6)]
+    same = all(torch.equal(p[0], parts[0][0]) for p in parts)
+    res.append((same, f"{len(parts)} launches bitwise equal: {same}"))
+    if device == "cuda":          # two streams at once: each launch has its own ticket counter
+        s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+        y = -x
+        for st in (s1, s2): st.wait_stream(torch.cuda.current_stream())
+        a, b = [], []
+        for _ in range(20):
+            with torch.cuda.stream(s1): a.append(TR.sum_over_programs(x, block)[0])
+            with torch.cuda.stream(s2): b.append(TR.sum_over_programs(y, block)[0])
+        torch.cuda.synchronize()
+        ok = all(torch.equal(v, parts[0][0]) for v in a) and all(torch.equal(v, -parts[0][0]) for v in b)
+        res.append((ok, f"two streams x20: {ok}"))
+    zero = all(int(t.count_nonzero()) == 0 for t in _tickets.values())
+    res.append((zero, f"ticket counters back to 0: {zero}"))
+    return all(r[0] for r in res), "; ".join(r[1] for r in res)
+
+
+def check_last_program_sums(device):
+    """The fused losses with LAST_PROGRAM_SUMS (the loss summed in the kernel's launch): against the reference (via
+    check_loss) on several programs, and bitwise equal call after call. On CUDA: a CUDA graph captured before the
+    ticket counters exist falls back to the two-launch sum (and replays right); then the counters are made."""
+    from . import _runtime
+    TLm = triton_module("_triton_losses", torch.device(device))
+    f32, bf16 = torch.float32, torch.bfloat16
+    last = dict(LAST_PROGRAM_SUMS=True)
+    small = dict(BLOCK_R=16, ROW_TILES=1, num_warps=4, **last)          # 448 x 10 over 28 programs
+    res = [check_loss("sequencematch", 448, 10, f32, device, seed=40, config=small),
+           check_loss("refixmatch", 200, 100, f32, device, seed=41, mask_mode="external",
+                      config=dict(BLOCK_R=16, ROW_TILES=1, num_warps=4, **last)),
+           check_loss("fixmatch", 61, 1000, bf16, device, seed=42,
+                      config=dict(BLOCK_R=4 if device == "cpu" else 1, BLOCK_C=1024, ROW_TILES=1, num_warps=4, **last))]
+    if device == "cuda":     # pick_config's layout at the benchmark's largest shape (2048 programs), with the sum
+        res.append(check_loss("sequencematch", 32768, 1000, bf16, device, seed=43, config=last))
+    zw, zm, zs = (logits(448, 10, f32, device, s) for s in range(3))
+    vals = [TLm.sequencematch_loss(zw, zm, zs, _config=small)[0] for _ in range(3)]
+    two = TLm.sequencematch_loss(zw, zm, zs, _config=dict(small, LAST_PROGRAM_SUMS=False))[0]
+    same = all(torch.equal(v, vals[0]) for v in vals)
+    res += [(same, f"3 calls bitwise equal: {same}"), compare("vs two launches", vals[0], two, **LOSS_TOL)]
+    if device == "cuda":
+        saved = dict(_runtime._tickets)
+        _runtime._tickets.clear(); TLm._PLANS.clear()
+        try:
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):      # no warm-up call: the plan is made while capturing
+                with torch.cuda.graph(g, stream=s):
+                    out = TLm.sequencematch_loss(zw, zm, zs, _config=small)[0]
+            fell_back = not _runtime._tickets
+            zw.mul_(0.5); g.replay(); torch.cuda.synchronize()
+            want = L.sequencematch_loss(zw, zm, zs)[0]
+            res.append((fell_back, f"capture before the counters: two-launch path {fell_back}"))
+            res.append(compare("graph replay", out, want, **LOSS_TOL))
+            TLm._PLANS.clear()
+            res.append(compare("after capture", TLm.sequencematch_loss(zw, zm, zs, _config=small)[0], want,
+                               **LOSS_TOL))
+            res.append((bool(_runtime._tickets), "counters made outside the capture"))
+        finally:
+            for k, v in saved.items(): _runtime._tickets.setdefault(k, v)
+            TLm._PLANS.clear()
+    zero = all(int(t.count_nonzero()) == 0 for t in _runtime._tickets.values())
+    res.append((zero, f"ticket counters back to 0: {zero}"))
+    return all(r[0] for r in res), "; ".join(r[1] for r in res)
+
+
 def check_double_backward(device):
     "A second backward through a fused loss (retain_graph=True) raises a clear RuntimeError (in-place gradients)."
     TLm = triton_module("_triton_losses", torch.device(device))
@@ -669,6 +749,8 @@ def cases(device: str) -> dict:
         "seq_gpucfg_448x100": lambda: check_loss("sequencematch", 48, 100, bf16, dev, seed=17,
                                                  config=gpu_cfg(448, 100) if gpu_cfg else None),
         "seq_nograd": lambda: check_loss_nograd(dev),
+        "sum_over_programs": lambda: check_sum_over_programs(dev),
+        "losses_last_program_sums": lambda: check_last_program_sums(dev),
         "seq_blocked_1280x1000_bf16": lambda: check_loss("sequencematch", 1280, 1000, bf16, dev, seed=18),
         "tokens_8x196x49x768_bf16": lambda: check_tokens(8, 196, 49, 768, bf16, torch.int64, dev, seed=5),
         "tokens_196_49_768_f32": lambda: check_tokens(3, 196, 49, 768, f32, torch.int64, dev),

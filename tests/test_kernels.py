@@ -168,6 +168,7 @@ for rep in range(2):
             TL.refixmatch_loss(zw, zs)[0].backward()
             TL.sequencematch_loss(zw, zm, zs)[0].backward()
             TL.sequencematch_loss(zw, zm, zs, mask=torch.rand(R + off)[off:], low_conf_kl=True)[0].backward()
+            TL.sequencematch_loss(zw, zm, zs, _config=dict(LAST_PROGRAM_SUMS=True))[0].backward()   # slot per call
             with torch.no_grad(): TL.sequencematch_loss(zw, zm, zs)
     for (B, N, K, D, dt, it) in ((4, 196, 49, 768, bf16, torch.int64), (2, 37, 11, 100, f32, torch.int32)):
         for off in (0, 1):
