@@ -92,11 +92,11 @@ _next_slot = itertools.count()
 
 def ticket_counters(device: torch.device):
     """The device's ring of int32 ticket counters (zeros) for kernels whose last program sums the others' partials
-    (`_triton_losses._sum_partials`), or None while a CUDA graph is being captured and the ring does not exist yet
+    (`_triton_reduce.sum_partials`), or None while a CUDA graph is being captured and the ring does not exist yet
     (the caller then takes its two-launch path). A ticket counter goes back to 0 at the end of every launch that used
-    it, so the ring is allocated once, on a stream of its own: allocations on another stream never come from a CUDA
-    graph's memory pool (torch.compile's CUDA graphs route only the capturing stream's allocations to their pool),
-    whose blocks may be handed out again when the graph's pool state is restored."""
+    it, so the ring is allocated once, on a stream of its own: a CUDA graph's memory pool (torch.compile's CUDA graphs,
+    in warm-up and in capture) takes only the allocations of the graph's own stream, and its blocks may be handed out
+    again when the graph's pool state is restored."""
     key = (device.type, device.index)
     t = _tickets.get(key)
     if t is None:
@@ -104,12 +104,10 @@ def ticket_counters(device: torch.device):
             t = torch.zeros(TICKET_RING, dtype=torch.int32, device=device)
         else:
             if torch.cuda.is_current_stream_capturing(): return None
-            cur = torch.cuda.current_stream(device)
             side = torch.cuda.Stream(device)
-            side.wait_stream(cur)
             with torch.cuda.stream(side):
                 t = torch.zeros(TICKET_RING, dtype=torch.int32, device=device)
-            cur.wait_stream(side)
+            side.synchronize()          # once per process and device: zeros before any stream's first launch
         _tickets[key] = t
     return t
 
