@@ -114,7 +114,9 @@ def ticket_counters(device: torch.device):
 
 def ticket_slot() -> int:
     """The ticket counter of the next launch: a new one per call, so that launches running at once on different
-    streams never share one (a CUDA graph replays the slot it captured)."""
+    streams do not share one. A CUDA graph replays the slot it captured: an eager launch a multiple of 1024 calls
+    later, running on another stream at the very moment the graph replays, would share it (not guarded: that would
+    cost a capture check on every call)."""
     return next(_next_slot) % TICKET_RING
 
 
