@@ -504,24 +504,26 @@ class Bench:
                                                           f"shapes" if p else "not measured"))
         return out + [""]
 
-
     def tuning_summary(self):
         """Per loss and shape with layout variants: the fastest in GPU time (graph ms, fwd+bwd) against pick_config's
-        layout (the `triton` row), to tune pick_config from one run."""
+        layout (the `triton` row) and eager, to tune pick_config from one run."""
+        graph = {}      # (op, shape) -> {impl: graph ms of fwd+bwd}
+        for r in self.rows:
+            if r["mode"] == "fwd+bwd" and r.get("graph_ms"):
+                graph.setdefault((r["op"], r["shape"]), {})[r["impl"]] = r["graph_ms"]
         out = []
-        for (op, shape) in dict.fromkeys((r["op"], r["shape"]) for r in self.rows if r["impl"].startswith("triton[")
-                                         and r["mode"] == "fwd+bwd" and r.get("graph_ms")):
-            rs = {r["impl"]: r["graph_ms"] for r in self.rows if (r["op"], r["shape"], r["mode"]) == (op, shape, "fwd+bwd")
-                  and r.get("graph_ms") and (r["impl"] == "triton" or r["impl"].startswith("triton["))}
-            base, eager = rs.get("triton"), next((r["graph_ms"] for r in self.rows if (r["op"], r["shape"], r["mode"],
-                                                  r["impl"]) == (op, shape, "fwd+bwd", "eager") and r.get("graph_ms")), None)
-            best = min(rs, key=rs.get)
-            line = f"- {op} {shape}: fastest {best} {rs[best]:.4f} ms"
-            if base: line += f"; pick_config's layout {base:.4f} ms ({100 * (rs[best] / base - 1):+.0f}%)"
-            if eager: line += f"; eager {eager:.4f} ms (×{eager / rs[best]:.1f} fastest, ×{eager / base:.1f} pick_config)" \
-                if base else ""
+        for (op, shape), g in graph.items():
+            layouts = {k: v for k, v in g.items() if k == "triton" or k.startswith("triton[")}
+            if not any(k.startswith("triton[") for k in layouts): continue
+            best = min(layouts, key=layouts.get)
+            base, eager = g.get("triton"), g.get("eager")
+            line = f"- {op} {shape}: fastest {best} {layouts[best]:.4f} ms"
+            if base:
+                line += f"; pick_config's layout {base:.4f} ms ({100 * (layouts[best] / base - 1):+.0f}%)"
+                if eager: line += (f"; eager {eager:.4f} ms (fastest ×{eager / layouts[best]:.1f}, pick_config "
+                                   f"×{eager / base:.1f})")
             out.append(line)
-        return (["Layouts (GPU time of fwd+bwd replayed from a CUDA graph, `graph ms`):", ""] + out + [""]) if out else []
+        return ["Layouts (GPU time of fwd+bwd replayed from a CUDA graph, `graph ms`):", ""] + out + [""] if out else []
 
 
 @contextlib.contextmanager

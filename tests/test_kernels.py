@@ -206,3 +206,19 @@ def test_bench_dry_run(tmp_path):
         for impl in ("triton", "triton[torch.compile]"):
             assert (op, impl, "fwd+bwd") in impls, (op, impl)
     assert all((tmp_path / f).exists() for f in ("bench.md", "bench.csv", "env.json"))
+
+
+def test_bench_tuning_summary():
+    """bench.md's layout summary names, per loss and shape, the variant with the least GPU time of fwd+bwd (graph ms),
+    compares it with pick_config's layout and eager, and skips shapes without variants or without graph times."""
+    from ssl_nb.kernels.bench import Bench
+    b = Bench.__new__(Bench)
+    row = lambda shape, impl, ms, mode="fwd+bwd": dict(op="sequencematch_loss", shape=shape, impl=impl, mode=mode,
+                                                       graph_ms=ms)
+    b.rows = [row("448x10", "triton", 0.02), row("448x10", "eager", 0.12), row("448x10", "triton[A]", 0.008),
+              row("448x10", "triton[B]", 0.01), row("448x10", "triton[A]", 0.001, mode="fwd"),
+              row("448x100", "triton", 0.008), row("448x100", "eager", 0.13),        # no variant: not listed
+              row("32768", "triton", 0.3), row("32768", "triton[C]", None)]          # no graph time: not listed
+    lines = [x for x in b.tuning_summary() if x.startswith("- ")]
+    assert len(lines) == 1 and "fastest triton[A] 0.0080 ms" in lines[0], lines
+    assert "pick_config's layout 0.0200 ms (-60%)" in lines[0] and f"fastest ×{0.12 / 0.008:.1f}" in lines[0], lines
