@@ -85,7 +85,7 @@ def gpu_configs():
     """Every kernel specialisation the benchmark and the common training calls use on a GPU, launched on CPU
     tensors of the same shapes (inside `capture`, nothing runs)."""
     import torch
-    from . import _triton_losses as TL, _triton_mae as TM, _triton_reduce as TR, _triton_tokens as TT
+    from . import _triton_common as TC, _triton_losses as TL, _triton_mae as TM, _triton_tokens as TT
     from .bench import tuning_variants
     from .checks import BENCH_LOSS_SHAPES
     f32, bf16 = torch.float32, torch.bfloat16
@@ -106,9 +106,8 @@ def gpu_configs():
             TL.launch(z[0], z[1], z[2], None, 0.95, 0.5, True, False, True, config=cfg)
     for dt in (f32, bf16):                                                          # backward: in-place scale
         n = 2 * 448 * 10
-        TL._scale_kernel[(TL.cdiv(n, TL.SCALE_BLOCK),)](torch.empty(n, dtype=dt), torch.empty(()), n,
-                                                         BLOCK=TL.SCALE_BLOCK, num_warps=4)
-    TR.sum_over_programs(torch.empty(1 << 19), 4)                                   # the one-launch sum alone
+        TC.scale_(torch.empty(n, dtype=dt), torch.empty(()), TC.scale_launcher(n))
+    TC.sum_over_programs(torch.empty(1 << 19), 4)                                   # the one-launch sum alone
     z = [torch.empty(448, 10) for _ in range(3)]
     TL.launch(z[0], z[1], z[2], torch.empty(448), 0.95, 0.5, True, True, True)     # FlexMatch mask, low_conf_kl
     TL.launch(z[0], z[1], z[2], None, 0.95, 0.5, True, False, False)               # no gradient (evaluation)

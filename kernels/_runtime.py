@@ -74,6 +74,12 @@ def first_order_only(op: str):
                            f"double backward); set SSL_NB_KERNELS=torch for higher-order gradients.")
 
 
+def second_backward(op: str) -> RuntimeError:
+    "The error of a second backward through a fused op whose gradient buffer the first backward scaled in place."
+    return RuntimeError(f"ssl_nb.kernels' {op} supports one backward pass per forward (its gradient buffer is scaled "
+                        f"in place); recompute the loss instead of using retain_graph=True.")
+
+
 def fill_grad(part: torch.Tensor, shape, dtype) -> torch.Tensor:
     "`scatter_tokens`' fill-token gradient from its fp32 per-sample partials [B, D], in the fill's dtype and shape."
     return part.sum(0).to(dtype).view(shape)
@@ -92,7 +98,7 @@ _next_slot = itertools.count()
 
 def ticket_counters(device: torch.device):
     """The device's ring of int32 ticket counters (zeros) for kernels whose last program sums the others' partials
-    (`_triton_reduce.sum_partials`), or None while a CUDA graph is being captured and the ring does not exist yet
+    (`_triton_common.sum_partials`), or None while a CUDA graph is being captured and the ring does not exist yet
     (the caller then takes its two-launch path). A ticket counter goes back to 0 at the end of every launch that used
     it, so the ring is allocated once, on a stream of its own: a CUDA graph's memory pool (torch.compile's CUDA graphs,
     in warm-up and in capture) takes only the allocations of the graph's own stream, and its blocks may be handed out

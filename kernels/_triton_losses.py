@@ -10,8 +10,9 @@ import triton.language as tl
 
 
 from ._launch import Launcher
-from ._runtime import align, is_interpreted, cdiv, first_order_only, next_pow2, ticket_counters, ticket_slot
-from ._triton_reduce import FINAL_BLOCK, sum_partials
+from ._runtime import (align, is_interpreted, cdiv, first_order_only, next_pow2, second_backward, ticket_counters,
+                       ticket_slot)
+from ._triton_common import FINAL_BLOCK, scale_, scale_launcher, sum_partials
 from ._validate import check_losses, kl_mode_of
 
 NEG = tl.constexpr(-1.0e30)   # padding logit: exp(NEG - max) == 0, and NEG * 0 == 0 (no inf * 0 NaN)
@@ -302,20 +303,7 @@ def _consistency_kernel(zw_ptr, zm_ptr, zs_ptr, s_wr, s_wc, s_mr, s_mc, s_sr, s_
         tl.store(part_ptr + pid, tl.sum(acc, axis=0))
 
 
-@triton.jit
-def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
-    """Backward of the fused losses: x *= g in place, x the gradient buffer written by the forward, g the 0-dim
-    grad_output read on the device (no host sync), fp32 math, one rounding to x's dtype (as `x.mul_(g)`). Replaces
-    `mul_` with a CUDA 0-dim tensor, which PyTorch runs as a broadcast through its generic, unvectorised kernel."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    g = tl.load(g_ptr).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=m)
-    tl.store(x_ptr + offs, (x.to(tl.float32) * g).to(x.dtype), mask=m)
-
-
 INTERPRETED = is_interpreted(_consistency_kernel)
-SCALE_BLOCK = 65536 if INTERPRETED else 4096
 F32 = torch.float32
 _grad_enabled = torch.is_grad_enabled
 
@@ -391,15 +379,14 @@ def _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config, kl_mode=0,
     p.part_shape = (grid + 1,) if tickets is not None else (grid,) if grid > 1 else ()
     # backward: one in-place scale per gradient tensor (the [2, R, C] buffer, or grad_s and grad_m)
     sizes = [] if not write_grad else [2 * R * C] if p.buf == 1 else [R * C] * (1 + has_m)
-    p.scales = tuple((n, Launcher(_scale_kernel, (cdiv(n, SCALE_BLOCK),), dict(BLOCK=SCALE_BLOCK, num_warps=4)))
-                     for n in sizes)
+    p.scales = tuple(scale_launcher(n) for n in sizes)
     return p
 
 
 def _execute(p: _Plan, zw, zm, zs, mask, threshold: float, inv_T: float):
     """Allocate the outputs and launch. Returns (loss, mask, grad_m, grad_s, scales): the fp32 loss (0-dim, on
     device), the CE mask (fp32 [R]), the gradients for grad_output = 1 (None unless the plan writes them), and the
-    backward's work: (tensor, (numel, scale launcher)) for each gradient buffer."""
+    backward's work: (tensor, its `scale_launcher`) for each gradient buffer."""
     dev, R, C = p.dev, p.R, p.C
     buf = gm = gs = None
     if p.buf == 1:
@@ -446,15 +433,10 @@ class _ConsistencyLoss(torch.autograd.Function):
     def backward(ctx, g):
         first_order_only("fused consistency loss")
         st = ctx.st
-        if st is None:
-            raise RuntimeError("ssl_nb.kernels' fused losses support one backward pass per forward (their gradient "
-                               "buffer is scaled in place); recompute the loss instead of using retain_graph=True.")
+        if st is None: raise second_backward("fused consistency loss")
         ctx.st = None
         scales, gm, gs = st
-        if g.data_ptr() & 15 or g.dtype is not F32:   # the launchers are specialised on a 16-byte aligned fp32 g
-            for x, _ in scales: x.mul_(g)
-        else:
-            for x, (n, launcher) in scales: launcher(x, g, n)
+        for x, launcher in scales: scale_(x, g, launcher)
         return gm, gs, None
 
 

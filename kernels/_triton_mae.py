@@ -5,7 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import align, is_interpreted, cdiv, first_order_only, next_pow2
+from ._runtime import align, is_interpreted, cdiv, first_order_only, next_pow2, second_backward
+from ._triton_common import scale_, scale_launcher
 from ._validate import check_mae_fused
 
 
@@ -91,7 +92,12 @@ def launch(pred, imgs, mask, p, norm_pix, write_grad, config=None):
     return (part if grid == 1 else part.sum()), grad
 
 
+_SCALES: dict = {}      # (numel, dtype) -> the backward's scale launcher
+
+
 class _MaskedPatchMSE(torch.autograd.Function):
+    "Carries the gradient the kernel wrote; backward scales it by grad_output in place (`_triton_common.scale_`)."
+
     @staticmethod
     def forward(ctx, pred, imgs, mask, p, norm_pix, config):
         loss, ctx.grad = launch(pred, imgs, mask, p, norm_pix, True, config)
@@ -101,7 +107,13 @@ class _MaskedPatchMSE(torch.autograd.Function):
     def backward(ctx, g):
         first_order_only("masked_patch_mse")
         grad, ctx.grad = ctx.grad, None
-        return grad * g, None, None, None, None, None
+        if grad is None: raise second_backward("masked_patch_mse")
+        key = (grad.numel(), grad.dtype)
+        launcher = _SCALES.get(key)
+        if launcher is None:
+            if len(_SCALES) >= 64: _SCALES.clear()
+            launcher = _SCALES[key] = scale_launcher(grad.numel())
+        return scale_(grad, g, launcher), None, None, None, None, None
 
 
 def masked_patch_mse(pred, imgs, mask, patch_size, norm_pix=True, *, _config=None):

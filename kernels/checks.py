@@ -331,17 +331,17 @@ def check_no_cycles(device):
 
 
 def check_sum_over_programs(device):
-    """`_triton_reduce.sum_partials` alone: many programs (more than the last program's load block, so it loops), each
+    """`_triton_common.sum_partials` alone: many programs (more than the last program's load block, so it loops), each
     adding a block of a vector, against a float64 sum; the same launch again is bitwise equal (the last program adds
     the partials in index order, whichever finished last); the ticket counters are all back to 0. On CUDA, 2^17
     programs racing for their tickets, repeated, and launches alternating between two streams."""
     from ._runtime import _tickets
-    TR = triton_module("_triton_reduce", torch.device(device))
+    TC = triton_module("_triton_common", torch.device(device))
     n, block = (1100, 1) if device == "cpu" else (1 << 17, 4)
     pad = block // 2                  # ragged on CUDA: the last program's block is partly outside x
     x = torch.randn(n * block - pad, generator=_gen(0)).to(device)
     want = x.double().sum()
-    parts = [TR.sum_over_programs(x, block) for _ in range(2 if device == "cpu" else 20)]
+    parts = [TC.sum_over_programs(x, block) for _ in range(2 if device == "cpu" else 20)]
     res = [compare("total", parts[0][0], want.float(), atol=1e-4, rtol=1e-6),
            compare("partials", parts[0][1:], torch.nn.functional.pad(x, (0, pad)).view(-1, block).sum(1),
                    atol=1e-6, rtol=1e-6)]
@@ -353,8 +353,8 @@ def check_sum_over_programs(device):
         for st in (s1, s2): st.wait_stream(torch.cuda.current_stream())
         a, b = [], []
         for _ in range(20):
-            with torch.cuda.stream(s1): a.append(TR.sum_over_programs(x, block)[0])
-            with torch.cuda.stream(s2): b.append(TR.sum_over_programs(y, block)[0])
+            with torch.cuda.stream(s1): a.append(TC.sum_over_programs(x, block)[0])
+            with torch.cuda.stream(s2): b.append(TC.sum_over_programs(y, block)[0])
         torch.cuda.synchronize()
         ok = all(torch.equal(v, parts[0][0]) for v in a) and all(torch.equal(v, -parts[0][0]) for v in b)
         res.append((ok, f"two streams x20: {ok}"))
@@ -411,17 +411,24 @@ def check_last_program_sums(device):
 
 
 def check_double_backward(device):
-    "A second backward through a fused loss (retain_graph=True) raises a clear RuntimeError (in-place gradients)."
+    """A second backward through a fused loss or the fused MAE loss (retain_graph=True) raises a clear RuntimeError
+    (their gradient buffers are scaled in place by the first)."""
     TLm = triton_module("_triton_losses", torch.device(device))
+    TM = triton_module("_triton_mae", torch.device(device))
     zw, zm, zs = (logits(32, 10, torch.float32, device, s) for s in range(3))
     zm.requires_grad_(); zs.requires_grad_()
-    loss, _ = TLm.sequencematch_loss(zw, zm, zs)
-    loss.backward(retain_graph=True)
-    try:
-        loss.backward()
-    except RuntimeError as e:
-        return "one backward pass" in str(e), f"RuntimeError: {str(e)[:80]}"
-    return False, "no error"
+    pred = torch.randn(2, 4, 48, device=device, requires_grad=True)
+    imgs, mask = torch.randn(2, 3, 8, 8, device=device), torch.ones(2, 4, device=device)
+    out = []
+    for name, loss in [("sequencematch", TLm.sequencematch_loss(zw, zm, zs)[0]),
+                       ("mae", TM.masked_patch_mse(pred, imgs, mask, 4))]:
+        loss.backward(retain_graph=True)
+        try:
+            loss.backward()
+            out.append((False, f"{name}: no error"))
+        except RuntimeError as e:
+            out.append(("one backward pass" in str(e), f"{name}: RuntimeError: {str(e)[:70]}"))
+    return all(o[0] for o in out), "; ".join(o[1] for o in out)
 
 
 # --------------------------------------------------------------------------------------------------------------- MAE
@@ -777,6 +784,8 @@ def cases(device: str) -> dict:
         "mae_channels_last_boolmask": lambda: check_mae(2, 3, 64, 64, 16, f32, dev, layout="channels_last",
                                                         mask_mode="bool", seed=2),
         "mae_mask_ones_1ch": lambda: check_mae(2, 1, 28, 28, 7, f32, dev, mask_mode="ones", seed=3),
+        # fp16 pred under a GradScaler-sized grad_output: the fp32 gradient buffer scaled in place, cast once
+        "mae_f16_gradscaler": lambda: check_mae(2, 3, 32, 32, 16, torch.float16, dev, grad_scale=65536.0, seed=5),
         "mae_gpucfg": lambda: check_mae(1, 3, 32, 32, 16, f32, dev, seed=4,
                                         config=_mae_gpu_cfg(4, 768) if dev == "cpu" else None),
     })

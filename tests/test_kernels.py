@@ -155,7 +155,7 @@ def call(self, *args):
     STATS[kind] += 1
 LA.Launcher.__call__ = call
 
-from ssl_nb.kernels import _triton_losses as TL, _triton_tokens as TT
+from ssl_nb.kernels import _triton_losses as TL, _triton_mae as TM, _triton_tokens as TT
 f32, bf16 = torch.float32, torch.bfloat16
 def z(R, C, dt, off=0, grad=False):
     t = torch.randn(R * C + off, dtype=dt)[off:].view(R, C)
@@ -181,6 +181,9 @@ for rep in range(2):
             torch.autograd.grad(TT.scatter_tokens(tok, ids, N, fill), [tok, fill], torch.randn(B, N, D, dtype=dt))
             torch.autograd.grad(TT.scatter_tokens(tok, ids, N, fill.detach()), [tok], torch.randn(B, N, D, dtype=dt))
             with torch.no_grad(): TT.gather_tokens(x, ids); TT.scatter_tokens(tok, ids, N, fill)
+    for dt in (f32, bf16):                         # the MAE loss's backward: the shared in-place scale
+        pred = torch.randn(2, 4, 48, dtype=dt, requires_grad=True)
+        torch.autograd.grad(TM.masked_patch_mse(pred, torch.randn(2, 3, 8, 8), torch.ones(2, 4), 4), pred)
 assert STATS["direct"] > 0 and STATS["triton"] > 0, STATS
 # every specialisation was launched through triton once, then directly
 assert STATS["direct"] >= STATS["triton"], STATS
