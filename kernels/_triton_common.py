@@ -86,8 +86,9 @@ def scale_launcher(n: int) -> Launcher:
 
 
 def scale_(x: torch.Tensor, g: torch.Tensor, launcher: Launcher) -> torch.Tensor:
-    """x *= g in place (x contiguous, g the 0-dim grad_output on x's device): `launcher` from `scale_launcher(x.numel())`,
-    or `mul_` for a g that is not a 16-byte aligned fp32 tensor (the launchers are specialised on one)."""
+    """x *= g in place (x contiguous, g the 0-dim grad_output on x's device) with `launcher`, from
+    `scale_launcher(x.numel())`; `mul_` for a g that is not a 16-byte aligned fp32 tensor (the launchers are
+    specialised on one)."""
     if g.data_ptr() & 15 or g.dtype is not torch.float32: return x.mul_(g)
     launcher(x, g, x.numel())
     return x

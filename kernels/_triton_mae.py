@@ -92,7 +92,7 @@ def launch(pred, imgs, mask, p, norm_pix, write_grad, config=None):
     return (part if grid == 1 else part.sum()), grad
 
 
-_SCALES: dict = {}      # (numel, dtype) -> the backward's scale launcher
+_SCALES: dict = {}      # (numel, dtype, device) -> the backward's scale launcher
 
 
 class _MaskedPatchMSE(torch.autograd.Function):
@@ -108,7 +108,7 @@ class _MaskedPatchMSE(torch.autograd.Function):
         first_order_only("masked_patch_mse")
         grad, ctx.grad = ctx.grad, None
         if grad is None: raise second_backward("masked_patch_mse")
-        key = (grad.numel(), grad.dtype)
+        key = (grad.numel(), grad.dtype, grad.get_device())
         launcher = _SCALES.get(key)
         if launcher is None:
             if len(_SCALES) >= 64: _SCALES.clear()

@@ -776,7 +776,7 @@ def cases(device: str) -> dict:
         "tokens_offset_bf16": lambda: check_tokens(2, 37, 11, 100, bf16, torch.int32, dev, layout="offset", seed=9),
         "repeat_losses": lambda: check_repeat(dev, "losses"),
         "repeat_tokens": lambda: check_repeat(dev, "tokens"),
-        "seq_double_backward": lambda: check_double_backward(dev),
+        "double_backward_raises": lambda: check_double_backward(dev),
         "no_ref_cycles": lambda: check_no_cycles(dev),
         "seq_offset": lambda: check_loss("sequencematch", 100, 13, f32, dev, layout="offset", seed=19),
         "mae_224_p16_f32": lambda: check_mae(2, 3, 224, 224, 16, f32, dev),
