@@ -373,8 +373,7 @@ def check_last_program_sums(device):
     last = dict(LAST_PROGRAM_SUMS=True)
     small = dict(BLOCK_R=16, ROW_TILES=1, num_warps=4, **last)          # 448 x 10 over 28 programs
     res = [check_loss("sequencematch", 448, 10, f32, device, seed=40, config=small),
-           check_loss("refixmatch", 200, 100, f32, device, seed=41, mask_mode="external",
-                      config=dict(BLOCK_R=16, ROW_TILES=1, num_warps=4, **last)),
+           check_loss("refixmatch", 200, 100, f32, device, seed=41, mask_mode="external", config=small),
            check_loss("fixmatch", 61, 1000, bf16, device, seed=42,
                       config=dict(BLOCK_R=4 if device == "cpu" else 1, BLOCK_C=1024, ROW_TILES=1, num_warps=4, **last))]
     if device == "cuda":     # pick_config's layout at the benchmark's largest shape (2048 programs), with the sum
