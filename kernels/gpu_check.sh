@@ -8,7 +8,7 @@
 # the script builds the package layout itself in a temporary folder (ssl_nb/ + kernels/ -> ssl_nb/kernels) and puts
 # it on PYTHONPATH. Everything goes under OUT: checks.jsonl/.log, bench.md/.csv/.jsonl/.log, env.json, nvidia-smi.txt.
 # Each step has its own time limit (CHECKS_TIMEOUT_S, default 240; the benchmark's BENCH_BUDGET_S, default 150, plus
-# a hard 270 s; BENCH_ARGS: more options of the benchmark), and a failing step does not stop the next one. Exit
+# a hard 270 s; CHECKS_ARGS / BENCH_ARGS: more options of each), and a failing step does not stop the next one. Exit
 # status: 0 when every check passed and the benchmark finished.
 set -u
 OUT="${1:-${OUT:-./gpu_check_out}}"
@@ -44,7 +44,9 @@ head -n 12 "$OUT/nvidia-smi.txt"
 
 # ---- 1. correctness (compiled Triton vs reference on the GPU)
 say "correctness checks (python -m ssl_nb.kernels.checks --device cuda)"
-timeout "${CHECKS_TIMEOUT_S:-240}" "$PY" -m ssl_nb.kernels.checks --device cuda --out "$OUT" 2>&1 | tee "$OUT/checks.log"
+# shellcheck disable=SC2086   # CHECKS_ARGS: e.g. "--cases sum_over_programs losses_last_program_sums" or "--skip ..."
+timeout "${CHECKS_TIMEOUT_S:-240}" "$PY" -m ssl_nb.kernels.checks --device cuda --out "$OUT" ${CHECKS_ARGS:-} 2>&1 \
+    | tee "$OUT/checks.log"
 CHECKS=${PIPESTATUS[0]}
 say "checks exit status $CHECKS ($(grep -c '^PASS' "$OUT/checks.log") passed, $(grep -c '^FAIL' "$OUT/checks.log") failed)"
 grep '^FAIL' "$OUT/checks.log" | cut -c1-400
@@ -56,7 +58,7 @@ timeout 270 "$PY" -m ssl_nb.kernels.bench --out "$OUT" --budget-s "${BENCH_BUDGE
     | tee "$OUT/bench.log" | grep --line-buffered -E '\] (== |copy |env:|skip |wrote )|ERROR|Traceback' | cut -c1-300
 BENCH=${PIPESTATUS[0]}
 say "benchmark exit status $BENCH"
-[ -f "$OUT/bench.md" ] && sed -n '1,24p' "$OUT/bench.md"
+[ -f "$OUT/bench.md" ] && sed '/^### /,$d' "$OUT/bench.md"      # header, targets and the layouts list
 ls -la "$OUT"
 say "done: checks=$CHECKS bench=$BENCH"
 [ "$CHECKS" = 0 ] && [ "$BENCH" = 0 ]
