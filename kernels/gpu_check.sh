@@ -22,6 +22,7 @@ say() { echo "[gpu_check $(( $(date +%s) - T0 ))s] $*"; }
 # ---- package layout: prefer this script's own sources
 if [ -f "$HERE/../ssl_nb/__init__.py" ] && [ -f "$HERE/__init__.py" ]; then           # repository: kernels/ next to ssl_nb/
     PP="$(mktemp -d)"
+    trap 'rm -rf "$PP"' EXIT
     mkdir -p "$PP/ssl_nb"
     cp "$HERE/../ssl_nb/"*.py "$PP/ssl_nb/"
     cp -r "$HERE" "$PP/ssl_nb/kernels"

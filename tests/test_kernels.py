@@ -225,3 +225,18 @@ def test_bench_tuning_summary():
     lines = [x for x in b.tuning_summary() if x.startswith("- ")]
     assert len(lines) == 1 and "fastest triton[A] 0.0080 ms" in lines[0], lines
     assert "pick_config's layout 0.0200 ms (-60%)" in lines[0] and f"fastest ×{0.12 / 0.008:.1f}" in lines[0], lines
+
+
+def test_gpu_check_script_passes_options(tmp_path):
+    """kernels/gpu_check.sh with `echo` standing in for python: each step gets its own options (CHECKS_ARGS to the
+    checks, BENCH_ARGS to the benchmark) and writes its log under OUT, without a GPU."""
+    script = os.path.join(os.path.dirname(__file__), "..", "kernels", "gpu_check.sh")
+    p = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHON": "echo", "CHECKS_ARGS": "--cases sum_over_programs",
+                            "BENCH_ARGS": "--no-compile --only losses"})
+    checks, bench = (tmp_path / "checks.log").read_text(), (tmp_path / "bench.log").read_text()
+    assert checks.split() == ["-m", "ssl_nb.kernels.checks", "--device", "cuda", "--out", str(tmp_path), "--cases",
+                              "sum_over_programs"], checks
+    assert bench.split()[:2] == ["-m", "ssl_nb.kernels.bench"] and bench.split()[-3:] == ["--no-compile", "--only",
+                                                                                          "losses"], bench
+    assert "done: checks=0 bench=0" in p.stdout, p.stdout[-2000:]
