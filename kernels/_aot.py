@@ -57,6 +57,18 @@ def compile_launch(fn: JITFunction, args, kwargs, target=GPUTarget("cuda", 90, 3
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
+def ticket_after_own_store(ptx: str):
+    """For a kernel with the one-launch sum (`_triton_common.sum_partials`): whether the acquire-release ticket is
+    taken by the thread that stored the program's partial just before it (the same predicate on both instructions),
+    which is what makes the partial visible before the ticket. None for a kernel without a ticket."""
+    lines = ptx.splitlines()
+    at = [i for i, l in enumerate(lines) if "atom.global.gpu.acq_rel" in l]
+    if not at: return None
+    pred = lambda l: (re.match(r"\s*@(%p\d+)", l) or [None, None])[1]
+    stores = [l for l in lines[:at[0]] if "st.global" in l]
+    return bool(stores) and pred(stores[-1]) is not None and pred(stores[-1]) == pred(lines[at[0]])
+
+
 @contextlib.contextmanager
 def capture(arch: str = "sm_90a"):
     "Within the block, `kernel[grid](...)` compiles for `arch` and records a summary instead of running."
@@ -71,6 +83,7 @@ def capture(arch: str = "sm_90a"):
                         shared_bytes=k.metadata.shared,
                         ptx_vector_loads=len(re.findall(r"ld\.global[^;]*\.v[248]", ptx)),
                         ptx_scalar_loads=len(re.findall(r"ld\.global(?![^;]*\.v[248])", ptx)),
+                        ticket_after_own_store=ticket_after_own_store(ptx),
                         **ptxas_info(ptx, arch)))
         return None
 
@@ -132,7 +145,8 @@ def gpu_configs():
 
 
 def main():
-    "Compile gpu_configs() for sm_90a; print one JSON line per kernel; exit 1 on a spill or an unvectorised loss load."
+    """Compile gpu_configs() for sm_90a; print one JSON line per kernel; exit 1 on a spill, an unvectorised loss load
+    or a one-launch sum's ticket taken by another thread than its partial's store."""
     import json
     import time
     os.environ["TRITON_INTERPRET"] = "0"          # compiled-mode kernels (set before the modules are imported)
@@ -143,6 +157,8 @@ def main():
     for r in log:
         print(json.dumps(r), flush=True)
         if r["spill_bytes"]: bad.append(f"{r['kernel']} spills {r['spill_bytes']} bytes")
+        if r["ticket_after_own_store"] is False: bad.append(f"{r['kernel']} {r['constexprs']}: the ticket is not "
+                                                             f"taken by the thread that stored the partial")
         if r["shared_bytes"] > 160 * 1024: bad.append(f"{r['kernel']} needs {r['shared_bytes']} bytes of shared memory")
         if r["kernel"] == "_consistency_kernel" and r["constexprs"].get("ALIGN", 1) >= 4 and not r["ptx_vector_loads"]:
             bad.append(f"{r['kernel']} {r['constexprs']}: no vector loads")

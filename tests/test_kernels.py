@@ -111,6 +111,16 @@ def test_compiles_for_sm90():
     assert p.returncode == 0 and lines, p.stdout[-3000:] + p.stderr[-3000:]
 
 
+def test_ticket_check_of_the_sm90_build():
+    """`_aot`'s check on the one-launch sum's PTX (test_compiles_for_sm90 runs it on the real kernels) tells a ticket
+    taken by the thread that stored the partial from one taken by another thread, or with no partial stored."""
+    code = ("from ssl_nb.kernels._aot import ticket_after_own_store as t\n"
+            "ok = '@%p5 st.global.b32 [a], {r};\\nbar.sync 0;\\n@%p5 atom.global.gpu.acq_rel.add.u32 %r1, [b], %r2;'\n"
+            "print(t(ok), t(ok.replace('@%p5 st', '@%p6 st')), t(ok.split('\\n', 1)[1]), t('ld.global.b32'))")
+    p = _py(code, TRITON_INTERPRET="0")
+    assert p.returncode == 0 and p.stdout.split() == ["True", "False", "False", "None"], p.stdout + p.stderr[-2000:]
+
+
 # The direct launch path (`_launch.Launcher`) checked on the CPU: triton's compiled-mode launch path runs for real
 # (binder, specialisation, cache key) on a fake driver (`ssl_nb.kernels.hostprof`) whose "compiled kernel" is named by
 # its cache key; every launch, through triton or direct, must pass exactly the arguments triton's binder produces for
