@@ -310,18 +310,26 @@ _grad_enabled = torch.is_grad_enabled
 
 # ---------------------------------------------------------------------------------------------------------- launch
 def pick_config(R: int, C: int, interpret: bool = INTERPRETED, views: int = 3) -> dict:
-    """Block sizes. GPU: one row per tile from C ~ 1000 up (Liger's layout; 16 prefetched rows per program for large
-    batches), several rows per tile for small C, and a single program (no partial-sum launch) when the whole batch is
-    <= 4 tiles; FUSED_REDUCE (three reductions per row; on an H100, 2026-11-26, GPU time 22% lower for SequenceMatch
-    at 32768 x 1000 bf16, 9-13% for FixMatch and ReFixMatch at that size, 8-10% for SequenceMatch at 448 x 10, within
-    3% elsewhere: kernels/bench-h100-2026-11-26-1313-tune.md). Interpreter: large blocks, since each program instance
-    costs milliseconds, and the separate reductions (the interpreter runs a multi-operand reduction's combine function
-    in Python, element by element: kernels/README.md, design section 1)."""
+    """Block sizes. GPU (H100 runs of 2026-11-26 in kernels/bench-h100-*.md):
+    - one row per tile from C ~ 1000 up (Liger's layout), 16 prefetched rows per program for large SequenceMatch
+      batches;
+    - 16 rows per tile for C <= 128: 448 x 10 spread over 28 programs, fwd+bwd 0.0057-0.0060 ms of GPU time against
+      0.0170-0.0176 for the whole batch in one program walking 4 tiles (the choice before 15:18) and 0.0060-0.0081
+      for 8, 32 or 64 rows per tile (-1518.md, -1524-tune.md); a single program only when the batch is <= 4 tiles;
+    - LAST_PROGRAM_SUMS (the loss summed by the last program: one launch) except with one row per program, where the
+      tickets of many short programs can cost more than the second launch (SequenceMatch at 1280 x 1000 +12-13%;
+      FixMatch and ReFixMatch +4% to +13% at 8192 and 32768 x 1000, -5% to -8% at 1280 x 1000); with it 448 x 10 is
+      9-10% and 448 x 100 8% faster, SequenceMatch at 8192 and 32768 x 1000 within 1%;
+    - FUSED_REDUCE (three reductions per row: GPU time 22% lower for SequenceMatch at 32768 x 1000 bf16, 9-13% for
+      FixMatch and ReFixMatch there, within 3% elsewhere: -1313-tune.md).
+    Interpreter: large blocks, since each program instance costs milliseconds, and the separate reductions (the
+    interpreter runs a multi-operand reduction's combine function in Python, element by element: kernels/README.md,
+    design section 1)."""
     BLOCK_C = max(16, min(next_pow2(C), MAX_BLOCK_C))
     if interpret:
         BLOCK_R = min(next_pow2(R), max(1, 32768 // BLOCK_C))
         return dict(BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, ROW_TILES=1, num_warps=4, FUSED_REDUCE=False)
-    BLOCK_R = min(next_pow2(R), max(1, (2048 if BLOCK_C <= 128 else 1024) // BLOCK_C))
+    BLOCK_R = min(next_pow2(R), 16 if BLOCK_C <= 128 else max(1, 1024 // BLOCK_C))
     tiles = cdiv(R, BLOCK_R)
     tile = BLOCK_R * BLOCK_C
     cfg = dict(BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, ROW_TILES=tiles if tiles <= 4 else 1,
@@ -331,6 +339,7 @@ def pick_config(R: int, C: int, interpret: bool = INTERPRETED, views: int = 3) -
         # on an H100, 2026-11-26: 8-9% faster forward at 8192 and 32768 x 1000 bf16 than one row per program; not
         # measured for the two-view losses, whose kernel then spills a register under ptxas)
         cfg.update(ROW_TILES=16, PREFETCH=True)
+    cfg["LAST_PROGRAM_SUMS"] = BLOCK_R > 1 or cfg["ROW_TILES"] > 1
     return cfg
 
 

@@ -52,27 +52,24 @@ TUNING_VARIANTS = (_V(4, 16, True, False), _V(4, 1, False, False), _V(4, 1, Fals
 # the two-view kernel (FixMatch, ReFixMatch) with PREFETCH spills a register under ptxas: not timed
 TWO_VIEW_VARIANTS = (_V(4, 1, False, False), _V(2, 1, False, True), _V(4, 16, False, True), _V(8, 1, False, True))
 SMALL_VARIANTS = (dict(FUSED_REDUCE=False),)     # at C < 1000, merged over pick_config's choice
-# where pick_config gives the whole batch to a single program (<= 4 tiles: 448 x 10): the tiles spread over 14 or 28
-# programs, their partials summed by a second launch or by the last program in the same launch (LAST_PROGRAM_SUMS);
-# the single program with the next tile's loads issued before this tile's math; 2 tiles of 256 rows over 16 warps
-# (one 512-row tile spills registers under ptxas at 16 and 32 warps). The H100 run of 2026-11-26 13:13 measured one
-# program at 448 x 10 slower on the GPU (0.0144 ms forward, graph) than 28 programs at 448 x 100 (0.0055 ms): one
-# program walks its 4 tiles in sequence on one SM.
-_SPREAD = lambda br, last: dict(BLOCK_R=br, ROW_TILES=1, num_warps=4, LAST_PROGRAM_SUMS=last)
-ONE_PROGRAM_VARIANTS = (_SPREAD(32, False), _SPREAD(16, False), _SPREAD(32, True), _SPREAD(16, True),
-                        dict(PREFETCH=True), dict(BLOCK_R=256, ROW_TILES=2, num_warps=16))
-# where pick_config's layout has several programs: the partials summed in the same launch instead of by a second one
-SUM_VARIANTS = (dict(LAST_PROGRAM_SUMS=True),)
+# at C <= 16 (448 x 10): other rows per tile than pick_config's 16, 2 warps, and the whole batch in one
+# program walking 4 tiles (pick_config's choice at 448 x 10 before the H100 run of 2026-11-26 15:18, 0.0170 ms fwd+bwd
+# against 0.0058 over 28 programs with the one-launch sum; bench-h100-2026-11-26-1518.md)
+_ROWS = lambda br, nw=4: dict(BLOCK_R=br, ROW_TILES=1, num_warps=nw)
+SMALL_LAYOUTS = (_ROWS(8), _ROWS(32), _ROWS(64), _ROWS(16, 2), dict(BLOCK_R=128, ROW_TILES=4, num_warps=8))
 
 
 def tuning_variants(kind: str, R: int, C: int) -> tuple:
-    "The other layouts timed for one loss and shape (`--tune`: every loss; otherwise SequenceMatch only)."
+    """The other layouts timed for one loss and shape (`--tune`: every loss; otherwise SequenceMatch only), and, where
+    there are several programs, pick_config's layout with the partials summed the other way (LAST_PROGRAM_SUMS: by
+    the last program or by a second launch)."""
     from ._triton_losses import pick_config
     cfg = pick_config(R, C, interpret=False, views=3 if kind == "sequencematch" else 2)
+    sums = dict(LAST_PROGRAM_SUMS=not cfg["LAST_PROGRAM_SUMS"])
     several = R > cfg["BLOCK_R"] * cfg["ROW_TILES"]
     if C < 1000:
-        return SMALL_VARIANTS + (SUM_VARIANTS if several else ONE_PROGRAM_VARIANTS)
-    return (TUNING_VARIANTS if kind == "sequencematch" else TWO_VIEW_VARIANTS) + SUM_VARIANTS
+        return SMALL_VARIANTS + ((sums,) if several else ()) + (SMALL_LAYOUTS if cfg["BLOCK_C"] <= 16 else ())
+    return (TUNING_VARIANTS if kind == "sequencematch" else TWO_VIEW_VARIANTS) + (sums,)
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
@@ -253,7 +250,7 @@ class Bench:
                     from . import _triton_losses as TL
                     for cfg in tuning_variants(kind, R, C):
                         name = [k if v is True else f"{k}={v}" for k, v in cfg.items() if v is not False]
-                        name += [] if cfg.get("FUSED_REDUCE", True) else ["no FUSED_REDUCE"]
+                        name += [f"no {k}" for k in ("FUSED_REDUCE", "LAST_PROGRAM_SUMS") if cfg.get(k) is False]
                         variants.add(f"triton[{','.join(name)}]")
                         impls.append((f"triton[{','.join(name)}]", lambda *a, cfg=cfg, f=getattr(TL, f"{kind}_loss"):
                                       f(*a, _config=cfg)))

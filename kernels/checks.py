@@ -750,8 +750,11 @@ def cases(device: str) -> dict:
         "seq_flipreduce_prefetch_13x1000_bf16": lambda: check_loss(
             "sequencematch", 13, 1000, bf16, dev, seed=32, low_conf=True, kl_mask="all", mask_mode="external",
             config=_flip_reduce(dev, dict(BLOCK_R=2, BLOCK_C=1024, ROW_TILES=4, PREFETCH=True, num_warps=4))),
-        "seq_gpucfg_tiles_448x10": lambda: check_loss("sequencematch", 448, 10, f32, dev, seed=16,
-                                                      config=gpu_cfg(448, 10) if gpu_cfg else None),
+        "seq_gpucfg_448x10": lambda: check_loss("sequencematch", 448, 10, f32, dev, seed=16,
+                                                config=gpu_cfg(448, 10) if gpu_cfg else None),
+        # a batch of <= 4 tiles: one program walks them (the last one ragged)
+        "seq_gpucfg_tiles_61x10": lambda: check_loss("sequencematch", 61, 10, f32, dev, seed=44, low_conf=True,
+                                                     config=gpu_cfg(61, 10) if gpu_cfg else None),
         "seq_gpucfg_448x100": lambda: check_loss("sequencematch", 48, 100, bf16, dev, seed=17,
                                                  config=gpu_cfg(448, 100) if gpu_cfg else None),
         "seq_nograd": lambda: check_loss_nograd(dev),
