@@ -121,6 +121,21 @@ def test_ticket_check_of_the_sm90_build():
     assert p.returncode == 0 and p.stdout.split() == ["True", "False", "False", "None"], p.stdout + p.stderr[-2000:]
 
 
+def test_pick_config_gpu_layouts():
+    """pick_config's GPU layouts as measured on the H100 (kernels/README.md, evening session): 448 x 10 spread over 28
+    programs of 16 rows with the loss summed in the same launch; a batch of <= 4 tiles in one program; one row per
+    program at C = 1000 below 8192 rows, summed by a second launch; 16 prefetched rows per SequenceMatch program above."""
+    code = ("from ssl_nb.kernels._triton_losses import pick_config as p\n"
+            "for R, C, v in ((448, 10, 3), (448, 10, 2), (61, 10, 3), (448, 100, 3), (1280, 1000, 3), (32768, 1000, 3),"
+            " (32768, 1000, 2)):\n"
+            "    c = p(R, C, interpret=False, views=v)\n"
+            "    print(-(-R // (c['BLOCK_R'] * c['ROW_TILES'])), c['BLOCK_R'], c['ROW_TILES'], c['LAST_PROGRAM_SUMS'])")
+    p = _py(code, TRITON_INTERPRET="0")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.splitlines() == ["28 16 1 True", "28 16 1 True", "1 16 4 True", "28 16 1 True", "1280 1 1 False",
+                                     "2048 1 16 True", "32768 1 1 False"], p.stdout
+
+
 # The direct launch path (`_launch.Launcher`) checked on the CPU: triton's compiled-mode launch path runs for real
 # (binder, specialisation, cache key) on a fake driver (`ssl_nb.kernels.hostprof`) whose "compiled kernel" is named by
 # its cache key; every launch, through triton or direct, must pass exactly the arguments triton's binder produces for
