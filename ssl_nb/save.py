@@ -4,7 +4,7 @@
 
 # %% ../nbs/save.ipynb #a0c1e004
 from __future__ import annotations
-import inspect, math, re
+import inspect, math, re, time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -610,7 +610,7 @@ def prompts_from_masks(masks: torch.Tensor, generator: torch.Generator | None = 
     side = torch.stack([x1 - x0, y1 - y0, x1 - x0, y1 - y0], -1).float().clamp(min=0)
     noise = torch.randn(B, 4, generator=generator, device=dev) * box_noise * side
     box = box + noise.clamp(-max_box_noise, max_box_noise)
-    box = torch.minimum(box.clamp(min=0), torch.tensor([W, H, W, H], device=dev, dtype=box.dtype))
+    box = torch.stack([box[:, 0].clamp(0, W), box[:, 1].clamp(0, H), box[:, 2].clamp(0, W), box[:, 3].clamp(0, H)], -1)
     use_box = rand(B) < p_box
     point_labels = torch.where(nonempty & ~use_box, 1, -1)[:, None].expand(B, n_points).long()
     box_labels = torch.where(nonempty & use_box, 1, -1).long()
@@ -619,7 +619,6 @@ def prompts_from_masks(masks: torch.Tensor, generator: torch.Generator | None = 
 # %% ../nbs/save.ipynb #a0c1e047
 def time_train_step(model: nn.Module, batch_size: int = 16, steps: int = 5, warmup: int = 2, audio: bool = True) -> dict:
     "Median wall and process-CPU seconds of one forward + backward + AdamW step of `model` on random inputs at its input size."
-    import time
     dev = next(model.parameters()).device
     s = model.img_size
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -641,8 +640,9 @@ _SAMA_RECIPE = dict(
     optimizer="adamw", lr=2e-4, weight_decay=0.01,        # SAMA-AVS sam_avs_adapter.yaml: AdamW lr 2e-4 (weight decay: PyTorch's default, not set there)
     schedule="cosine", lr_min=1e-7,                      # CosineAnnealingLR(T_max=epochs, eta_min=1e-7)
     epochs=80, batch_size=4,                             # 80 epochs, 2 per GPU × 2 GPUs
-    loss="bce_iou", eval_every="epoch", select_by="val_miou",
-    frames_per_sample={"synthetic": 1, "s4": 1, "ms3": 1},   # S4 trains on frame 1 only; MS3 on one (video, frame) row
+    loss="bce_iou", eval_every="epoch", select_by="val_miou",   # keep the best checkpoint by validation mIoU
+    s4_train_frames="first",                             # S4 trains on frame 1 (the only annotated one); val/test on all 5
+    synthetic_audio_example=1,                           # AVS-Synthetic: the 2nd VGGish example (0.96-1.92 s), 0-based
 )
 PRESETS = {
     f"save_vit_b_{size}": dict(
