@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['RA_OPS', 'OP_NAMES', 'CPU_SUBSETS', 'CUTOUT_FILL', 'normalize', 'flip_crop', 'center_crop', 'RAOp', 'apply_op',
-           'rand_augment', 'cutout', 'View', 'make_views']
+__all__ = ['RA_OPS', 'OP_NAMES', 'CPU_SUBSETS', 'CUTOUT_FILL', 'JITTER_OPS', 'normalize', 'flip_crop', 'center_crop', 'RAOp',
+           'apply_op', 'rand_augment', 'cutout', 'View', 'make_views', 'resized_crop', 'rrc_boxes',
+           'random_resized_crop', 'hflip', 'grayscale', 'random_grayscale', 'adjust_hue', 'color_jitter',
+           'box_blur_pil', 'gaussian_blur', 'ResizedCropView', 'mocov2_view', 'mae_view', 'lincls_view']
 
 # %% ../nbs/02_augment.ipynb #518e1b03
 def _check_images(x, name: str = "x", channels: tuple | None = (1, 3)) -> None:
@@ -409,3 +411,342 @@ def make_views(mean, std, image_size: int, ra_position: str = "after", crop_size
             "medium": View(mean, std, n_ops=1, name="medium", **kw),
             "strong": View(mean, std, n_ops=3, name="strong", **kw),
             "eval": View(mean, std, train=False, crop_size=crop, channels_last=channels_last, name="eval")}
+
+# %% ../nbs/02_augment.ipynb #8f26be97
+import math
+
+# %% ../nbs/02_augment.ipynb #2b638444
+_FILTERS = ("bilinear", "bicubic")
+
+def _aa_filter(t: torch.Tensor, mode: str) -> torch.Tensor:
+    "PIL's (and torch's antialiased) kernels: the triangle, or Keys' cubic with a = -0.5."
+    t = t.abs()
+    if mode == "bilinear": return (1 - t).clamp_min(0)
+    a = -0.5
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = (((t - 5) * t + 8) * t - 4) * a
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+
+def _cubic075(t: torch.Tensor) -> torch.Tensor:
+    "torch's `upsample_bicubic2d` kernel (Keys, a = -0.75) at offsets `t` in [0, 2]."
+    a = -0.75
+    return torch.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a)
+
+def _resample_matrix(start, length, n_in: int, n_out: int, mode: str, antialias: bool) -> torch.Tensor:
+    """`[B, n_out, n_in]` weights that resample the segment `[start, start + length)` of an axis of `n_in` pixels to
+    `n_out` pixels: torch's `interpolate(align_corners=False)` of the cropped segment (antialiased: PIL's `resize`)."""
+    B, dev = start.shape[0], start.device
+    start, length = start.double()[:, None], length.double()[:, None]
+    scale = length / n_out                                         # input px per output px, [B, 1]
+    u = torch.arange(n_out, device=dev, dtype=torch.float64) + 0.5
+    if antialias:                                                  # every input px of the segment, weighted and renormalised
+        p = torch.arange(n_in, device=dev, dtype=torch.float64) + 0.5
+        centre = start + scale * u                                 # [B, n_out]
+        stretch = scale.clamp_min(1.0)[:, :, None]                 # the kernel widens when downscaling
+        w = _aa_filter((p - centre[:, :, None]) / stretch, mode)
+        w = w * ((p >= start[:, :, None]) & (p < (start + length)[:, :, None]))
+        return (w / w.sum(-1, keepdim=True)).float()
+    src = scale * u - 0.5                                          # source position relative to the segment
+    if mode == "bilinear":
+        src = src.clamp_min(0)
+        i0 = src.floor()
+        lam = src - i0
+        taps, w = torch.stack([i0, i0 + 1], -1), torch.stack([1 - lam, lam], -1)
+    else:
+        i0 = src.floor()
+        t = src - i0
+        taps = torch.stack([i0 - 1, i0, i0 + 1, i0 + 2], -1)
+        w = torch.stack([_cubic075(t + 1), _cubic075(t), _cubic075(1 - t), _cubic075(2 - t)], -1)
+    idx = (torch.minimum(taps.clamp_min(0), length[:, :, None] - 1) + start[:, :, None]).long()   # taps clamped to the segment
+    return torch.zeros(B, n_out, n_in, device=dev, dtype=torch.float64).scatter_add_(
+        2, idx.view(B, n_out, -1), w.view(B, n_out, -1)).float()
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size, interpolation: str = "bilinear",
+                 antialias: bool = True) -> torch.Tensor:
+    """Crop box `boxes[b] = (top, left, height, width)` of each image and resize it to `size`: torchvision's
+    `resized_crop` on a batch, one box per sample, as two batched matrix products (rounded back to uint8)."""
+    _check_images(x, channels=None)
+    if interpolation not in _FILTERS:
+        raise ConfigError(f"interpolation={interpolation!r}; use 'bilinear' (MoCo, torchvision's default) or "
+                          f"'bicubic' (MAE).")
+    B, C, H, W = x.shape
+    if not isinstance(boxes, torch.Tensor) or boxes.shape != (B, 4) or boxes.device != x.device:
+        raise ConfigError(f"boxes must be a tensor [B={B}, 4] of (top, left, height, width) on {x.device}; got "
+                          f"{getattr(boxes, 'shape', type(boxes).__name__)}.")
+    sh, sw = _size2(size, (H, W))
+    wy = _resample_matrix(boxes[:, 0], boxes[:, 2], H, sh, interpolation, antialias)    # [B, sh, H]
+    wx = _resample_matrix(boxes[:, 1], boxes[:, 3], W, sw, interpolation, antialias)    # [B, sw, W]
+    # antialiased: PIL's order and rounding (rows first, 8 bits stored in between, halves rounded up); otherwise
+    # torch's float interpolate, rounded once (halves to even)
+    q8 = (lambda t: t.add_(0.5).floor_().clamp_(0, 255)) if antialias else (lambda t: t.round_().clamp_(0, 255))
+    out = x.float() @ wx.transpose(1, 2)[:, None]                                       # [B, C, H, sw]
+    if antialias: out = q8(out)
+    return q8(wy[:, None] @ out).to(torch.uint8)                                        # [B, C, sh, sw]
+
+# %% ../nbs/02_augment.ipynb #830bf8b2
+def rrc_boxes(B: int, H: int, W: int, g: torch.Generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+              attempts: int = 10) -> torch.Tensor:
+    """torchvision's `RandomResizedCrop.get_params` for `B` images of `H`x`W`, drawn at once: `[B, 4]` int64 boxes
+    `(top, left, height, width)`. Each sample takes its first of `attempts` draws (area fraction ~ U(scale), log aspect
+    ratio ~ U(log ratio)) that fits the image, else the central crop with the aspect ratio clamped into `ratio`."""
+    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+        raise ConfigError(f"scale={tuple(scale)} and ratio={tuple(ratio)} must be (low, high) with 0 < low <= high "
+                          f"(torchvision: scale (0.08, 1), ratio (3/4, 4/3); MoCo-v2 and MAE: scale (0.2, 1)).")
+    dev = g.device
+    u = torch.rand(B, attempts, 2, generator=g, device=dev, dtype=torch.float64)
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lr0 + (lr1 - lr0) * u[..., 1])
+    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()   # round half to even, as Python's round
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = fits.int().argmax(1, keepdim=True)                     # the first attempt that fits (0 when none does)
+    ok = fits.any(1)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    if W / H < ratio[0]: fw, fh = W, int(round(W / ratio[0]))      # the fallback: a central crop
+    elif W / H > ratio[1]: fw, fh = int(round(H * ratio[1])), H
+    else: fw, fh = W, H
+    v = torch.rand(B, 2, generator=g, device=dev, dtype=torch.float64)
+    top = torch.where(ok, (v[:, 0] * (H - h + 1)).floor(), float((H - fh) // 2))
+    left = torch.where(ok, (v[:, 1] * (W - w + 1)).floor(), float((W - fw) // 2))
+    return torch.stack([top, left, torch.where(ok, h, float(fh)), torch.where(ok, w, float(fw))], 1).long()
+
+def random_resized_crop(x: torch.Tensor, g: torch.Generator, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                        interpolation: str = "bilinear", antialias: bool = True, return_params: bool = False):
+    "torchvision's `RandomResizedCrop(size, scale, ratio, interpolation)` on a batch: a box per sample, then `resized_crop`."
+    _check_images(x, channels=None); _check_generator(g, x)
+    B, C, H, W = x.shape
+    boxes = rrc_boxes(B, H, W, g, scale, ratio)
+    out = resized_crop(x, boxes, size, interpolation, antialias)
+    return (out, boxes) if return_params else out
+
+# %% ../nbs/02_augment.ipynb #f8a657f0
+def hflip(x: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    "torchvision's `RandomHorizontalFlip(p)` on a batch: each image mirrored with probability `p`."
+    _check_images(x, channels=None); _check_generator(g, x)
+    flip = torch.rand(x.shape[0], generator=g, device=x.device) < p
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    "PIL's `convert('L')` kept at the input's channel count (RGB -> three equal channels); 1-channel images unchanged."
+    _check_images(x)
+    return _gray(x).to(torch.uint8).expand_as(x).contiguous()
+
+def random_grayscale(x: torch.Tensor, g: torch.Generator, p: float = 0.2) -> torch.Tensor:
+    "torchvision's `RandomGrayscale(p)`: each image turned to gray (PIL's weights) with probability `p`."
+    _check_images(x); _check_generator(g, x)
+    sel = torch.rand(x.shape[0], generator=g, device=x.device) < p
+    return torch.where(sel[:, None, None, None], grayscale(x), x)
+
+# %% ../nbs/02_augment.ipynb #04cb2a5b
+def _rgb_to_hsv_pil(x: torch.Tensor):
+    "PIL's `convert('HSV')` of uint8 RGB `[B, 3, H, W]`: (h, s, v) as int32, each 0-255 (`Convert.c`, `rgb2hsv_row`)."
+    r, g, b = x.int().unbind(1)
+    maxc, minc = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
+    flat = maxc == minc
+    cr = torch.where(flat, 1, maxc - minc).float()                 # float32 where PIL uses float
+    s = cr / maxc.clamp_min(1).float()
+    rc, gc, bc = (maxc - r).float() / cr, (maxc - g).float() / cr, (maxc - b).float() / cr
+    h = torch.where(r == maxc, (bc - gc).double(),                 # `2.0 + rc - bc` is evaluated in double
+                    torch.where(g == maxc, 2.0 + rc.double() - bc.double(), 4.0 + gc.double() - rc.double()))
+    h = torch.fmod(h.float().double() / 6.0 + 1.0, 1.0).float()
+    uh = torch.where(flat, 0, (h.double() * 255.0).int().clamp(0, 255))          # (int) truncates
+    us = torch.where(flat, 0, (s.double() * 255.0).int().clamp(0, 255))
+    return uh, us, maxc
+
+def _hsv_to_rgb_pil(h, s, v) -> torch.Tensor:
+    "PIL's `convert('RGB')` of an HSV image (`Convert.c`, `hsv2rgb`): uint8 `[B, 3, H, W]`."
+    h6 = h.double() * 6.0 / 255.0
+    i = h6.floor()
+    f = (h6 - i).float()
+    fs = (s.double() / 255.0).float()
+    vd = v.double()
+    rnd = lambda t: (t + 0.5).floor().clamp(0, 255).int()         # C's round(), half away from zero (t >= 0 here)
+    p = rnd(vd * (1.0 - fs.double()))
+    q = rnd(vd * (1.0 - (fs * f).double()))                        # `fs * f` is a float32 product
+    t = rnd(vd * (1.0 - fs.double() * (1.0 - f.double())))
+    i = i.int() % 6                                                # the sextant: (r, g, b) = (v,t,p) (q,v,p) (p,v,t)
+    r = torch.where((i == 0) | (i == 5), v, torch.where(i == 1, q, torch.where(i == 4, t, p)))   # (p,q,v) (t,p,v) (v,p,q)
+    g = torch.where((i == 1) | (i == 2), v, torch.where(i == 0, t, torch.where(i == 3, q, p)))
+    b = torch.where((i == 3) | (i == 4), v, torch.where(i == 2, t, torch.where(i == 5, q, p)))
+    gray = s == 0
+    return torch.stack([torch.where(gray, v, c) for c in (r, g, b)], 1).to(torch.uint8)
+
+def adjust_hue(x: torch.Tensor, hue_factor) -> torch.Tensor:
+    """torchvision's `adjust_hue` on PIL images, per sample: the 8-bit HSV hue shifted by `int(hue_factor * 255)`
+    (mod 256). `hue_factor`: a number or a tensor `[B]` in [-0.5, 0.5]. 1-channel images are returned unchanged."""
+    _check_images(x)
+    if x.shape[1] == 1: return x
+    shift = torch.as_tensor(hue_factor, device=x.device, dtype=torch.float64).expand(x.shape[0])
+    shift = (shift * 255).trunc().int()                            # np.int32(hue_factor * 255), wrapped as uint8
+    h, s, v = _rgb_to_hsv_pil(x)
+    return _hsv_to_rgb_pil((h + shift[:, None, None]) % 256, s, v)
+
+# %% ../nbs/02_augment.ipynb #d3472f07
+def _jitter_range(v, name: str, centre: float, bound: tuple) -> tuple:
+    "torchvision's `ColorJitter._check_input`: a number v gives [centre - v, centre + v] clipped to `bound`."
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if v < 0: raise ConfigError(f"{name}={v!r}; a jitter strength must be >= 0 (MoCo-v2: 0.4, 0.4, 0.4, 0.1).")
+        lo, hi = centre - float(v), centre + float(v)
+        if centre == 1: lo = max(lo, 0.0)
+    elif isinstance(v, (tuple, list)) and len(v) == 2: lo, hi = float(v[0]), float(v[1])
+    else: raise ConfigError(f"{name}={v!r}; give a number or a (min, max) pair.")
+    if not bound[0] <= lo <= hi <= bound[1]:
+        raise ConfigError(f"{name} range ({lo}, {hi}) must satisfy {bound[0]} <= min <= max <= {bound[1]}.")
+    return lo, hi
+
+def _on_rows(x: torch.Tensor, sel: torch.Tensor, fn) -> torch.Tensor:
+    """`fn` applied to the samples `sel` selects, the others unchanged; `fn(t, rows)` gets the images and their row
+    indices (`slice(None)` for all). On the CPU (with `CPU_SUBSETS`) only the selected rows are computed; elsewhere
+    the whole batch, selected with `torch.where` (no host sync)."""
+    if x.device.type == "cpu" and CPU_SUBSETS:
+        rows = sel.nonzero().squeeze(1)
+        return x.index_copy(0, rows, fn(x[rows], rows)) if len(rows) else x
+    return torch.where(sel[:, None, None, None], fn(x, slice(None)), x)
+
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+def color_jitter(x: torch.Tensor, g: torch.Generator, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                 p: float = 1.0, random_order: bool = True, return_params: bool = False):
+    """`RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p)` on a batch, with PIL's pixel ops (as the
+    references run it on PIL images): per sample, factors drawn as torchvision does, the four ops in a random order
+    (`random_order=False`: brightness, contrast, saturation, hue). 1-channel images: saturation and hue are no-ops."""
+    _check_images(x); _check_generator(g, x)
+    rng = [_jitter_range(brightness, "brightness", 1, (0, math.inf)), _jitter_range(contrast, "contrast", 1, (0, math.inf)),
+           _jitter_range(saturation, "saturation", 1, (0, math.inf)), _jitter_range(hue, "hue", 0, (-0.5, 0.5))]
+    B, dev = x.shape[0], x.device
+    u = torch.rand(B, 4, generator=g, device=dev)
+    lo, hi = _const([r[0] for r in rng], dev), _const([r[1] for r in rng], dev)
+    factors = lo + (hi - lo) * u                                   # [B, 4]: brightness, contrast, saturation, hue
+    order = (torch.rand(B, 4, generator=g, device=dev).argsort(1) if random_order
+             else torch.arange(4, device=dev).expand(B, 4))
+    apply = torch.rand(B, generator=g, device=dev) < p
+    use_hue = x.shape[1] == 3 and rng[3] != (0.0, 0.0)             # torchvision skips an op of strength 0
+    out = x
+    for k in range(4):                                             # op slot k: the k-th op of every sample
+        op = order[:, k]
+        sel = {"Brightness": op == 0, "Contrast": op == 1, "Color": op == 2}     # PIL's ImageEnhance names
+        mag = factors.gather(1, op[:, None]).squeeze(1)
+        out = _blend_stage(out, sel, mag)                          # samples on the hue op keep factor 1: unchanged
+        if use_hue: out = _on_rows(out, (op == 3) & apply, lambda t, rows: adjust_hue(t, factors[rows, 3]))
+    out = torch.where(apply[:, None, None, None], out, x)
+    return (out, factors, order, apply) if return_params else out
+
+# %% ../nbs/02_augment.ipynb #fdc7fde6
+def _box_radius(sigma: torch.Tensor) -> torch.Tensor:
+    "PIL's `_gaussian_blur_radius(sigma, 3)`: the fractional box radius of 3 box passes with variance sigma², float32."
+    s = sigma.float()
+    sigma2 = s * s / 3
+    L = (12.0 * sigma2.double() + 1.0).sqrt().float()
+    l = ((L.double() - 1.0) / 2.0).floor().float()
+    a = (2 * l + 1) * (l * (l + 1) - 3 * sigma2)
+    a = a / (6 * (sigma2 - (l + 1) * (l + 1)))
+    return l + a
+
+def _box_pass(x: torch.Tensor, R: torch.Tensor, ww: torch.Tensor, fw: torch.Tensor, reach: int, dim: int) -> torch.Tensor:
+    """One PIL box-blur pass along `dim` of int32 images (edge pixels repeated): per sample, weight `ww[b]` (out of
+    2^24) on the pixels within the integer radius `R[b]` and `fw[b]` on the two just outside it, rounded to 8 bits."""
+    n = x.shape[dim]
+    first, last = x.narrow(dim, 0, 1), x.narrow(dim, n - 1, 1)
+    xp = torch.cat([first] * reach + [x] + [last] * reach, dim)
+    inside, far = x.clone(), torch.zeros_like(x)
+    view = [-1] + [1] * (x.ndim - 1)
+    for j in range(1, reach + 1):
+        pair = xp.narrow(dim, reach - j, n) + xp.narrow(dim, reach + j, n)     # x[i - j] + x[i + j]
+        inside += (j <= R).int().view(view) * pair
+        far += (j == R + 1).int().view(view) * pair
+    acc = ww.view(view) * inside.long() + fw.view(view) * far.long()
+    return ((acc + (1 << 23)) >> 24).int()
+
+def box_blur_pil(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """PIL's `filter(ImageFilter.GaussianBlur(radius=sigma[b]))` on a batch: three box passes along the rows, then three
+    along the columns, each rounded to 8 bits (`BoxBlur.c`). `max_sigma` bounds `sigma` (it fixes the taps' reach)."""
+    _check_images(x, channels=None)
+    r = _box_radius(sigma.to(x.device))
+    R = r.trunc().int()                                            # (int)floatRadius
+    ww = (torch.full_like(r, 16777216.0) / (r * 2 + 1)).trunc().long()          # (UINT32)(1 << 24) / (r * 2 + 1)
+    fw = (16777216 - (2 * R.long() + 1) * ww) // 2
+    reach = int(float(_box_radius(torch.tensor([float(max_sigma)]))[0])) + 2     # taps up to R + 1 on each side
+    out = x.int()
+    for dim in (3, 2):
+        for _ in range(3): out = _box_pass(out, R, ww, fw, reach, dim)
+    return torch.where((r > 0)[:, None, None, None], out, x.int()).to(torch.uint8)
+
+def gaussian_blur(x: torch.Tensor, g: torch.Generator, sigma=(0.1, 2.0), p: float = 0.5,
+                  return_params: bool = False):
+    """MoCo-v2's `RandomApply([GaussianBlur(sigma)], p)` on a batch: with probability `p`, PIL's Gaussian blur with
+    radius sigma ~ U(sigma) (PIL approximates it by three box blurs; see `box_blur_pil`)."""
+    _check_images(x, channels=None); _check_generator(g, x)
+    if not 0 < sigma[0] <= sigma[1]:
+        raise ConfigError(f"sigma={tuple(sigma)}; give (min, max) with 0 < min <= max (MoCo-v2: (0.1, 2.0)).")
+    B, dev = x.shape[0], x.device
+    s = sigma[0] + (sigma[1] - sigma[0]) * torch.rand(B, generator=g, device=dev, dtype=torch.float64)
+    apply = torch.rand(B, generator=g, device=dev) < p
+    out = _on_rows(x, apply, lambda t, rows: box_blur_pil(t, s[rows], sigma[1]))
+    return (out, s, apply) if return_params else out
+
+# %% ../nbs/02_augment.ipynb #5b178806
+class ResizedCropView:
+    """A callable `view(x_uint8, g) -> normalised float32 batch` built on a random resized crop: RRC, then (optionally)
+    colour jitter, grayscale and blur, then a horizontal flip, in the order of MoCo-v2's `aug_plus`. Same interface
+    as `View` (`augment`, `describe`)."""
+    def __init__(self, mean, std, size, *, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = "bilinear",
+                 antialias: bool = True, jitter=None, jitter_p: float = 0.8, random_order: bool = True,
+                 grayscale_p: float = 0.0, blur_sigma=(0.1, 2.0), blur_p: float = 0.0, flip: bool = True,
+                 channels_last: bool = False, name: str = "view"):
+        if len(mean) != len(std) or len(mean) not in (1, 3):
+            raise ConfigError(f"mean {tuple(mean)} and std {tuple(std)} must both have 1 or 3 values, one per channel.")
+        if interpolation not in _FILTERS: raise ConfigError(f"interpolation={interpolation!r}; use one of {_FILTERS}.")
+        for what, v in (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p)):
+            if not 0 <= v <= 1: raise ConfigError(f"{what}={v!r}; a probability is in [0, 1].")
+        if jitter is not None and len(jitter) != 4:
+            raise ConfigError(f"jitter={jitter!r}; give (brightness, contrast, saturation, hue), e.g. (0.4, 0.4, 0.4, 0.1).")
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self.size = _size2(size, None)
+        self.scale, self.ratio = tuple(float(v) for v in scale), tuple(float(v) for v in ratio)
+        self.interpolation, self.antialias = interpolation, bool(antialias)
+        self.jitter = None if jitter is None else tuple(jitter)
+        self.jitter_p, self.random_order, self.grayscale_p = float(jitter_p), bool(random_order), float(grayscale_p)
+        self.blur_sigma, self.blur_p = tuple(float(v) for v in blur_sigma), float(blur_p)
+        self.flip, self.channels_last, self.name = bool(flip), channels_last, name
+
+    def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        "The view's uint8 images, before normalisation."
+        _check_images(x); _check_generator(g, x)
+        x = random_resized_crop(x, g, self.size, self.scale, self.ratio, self.interpolation, self.antialias)
+        if self.jitter is not None and self.jitter_p > 0:
+            x = color_jitter(x, g, *self.jitter, p=self.jitter_p, random_order=self.random_order)
+        if self.grayscale_p > 0: x = random_grayscale(x, g, self.grayscale_p)
+        if self.blur_p > 0: x = gaussian_blur(x, g, self.blur_sigma, self.blur_p)
+        if self.flip: x = hflip(x, g)
+        return x
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        out = normalize(self.augment(x, g), self.mean, self.std)
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+    def describe(self) -> dict:
+        d = dict(name=self.name, size=list(self.size), crop="random_resized", scale=list(self.scale),
+                 ratio=[round(r, 6) for r in self.ratio], interpolation=self.interpolation, antialias=self.antialias)
+        if self.jitter is not None and self.jitter_p > 0:
+            d.update(jitter=list(self.jitter), jitter_p=self.jitter_p, random_order=self.random_order)
+        if self.grayscale_p > 0: d["grayscale_p"] = self.grayscale_p
+        if self.blur_p > 0: d.update(blur="pil_gaussian", blur_sigma=list(self.blur_sigma), blur_p=self.blur_p)
+        d.update(flip=self.flip, mean=list(self.mean), std=list(self.std), channels_last=self.channels_last)
+        return d
+
+    def __repr__(self): return f"ResizedCropView({', '.join(f'{k}={v!r}' for k, v in self.describe().items())})"
+
+def mocov2_view(mean, std, size, **kw) -> ResizedCropView:
+    """MoCo-v2's `aug_plus` view: RandomResizedCrop(size, scale (0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8,
+    RandomGrayscale(0.2), GaussianBlur(σ ∈ [0.1, 2]) with p 0.5, horizontal flip."""
+    return ResizedCropView(mean, std, size, **{**dict(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
+                                                    grayscale_p=0.2, blur_sigma=(0.1, 2.0), blur_p=0.5,
+                                                    name="mocov2"), **kw})
+
+def mae_view(mean, std, size, **kw) -> ResizedCropView:
+    "MAE's pre-training view: RandomResizedCrop(size, scale (0.2, 1), bicubic), horizontal flip."
+    return ResizedCropView(mean, std, size, **{**dict(scale=(0.2, 1.0), interpolation="bicubic", name="mae"), **kw})
+
+def lincls_view(mean, std, size, **kw) -> ResizedCropView:
+    "The linear-probe training view of MoCo's `main_lincls.py`: RandomResizedCrop(size) (scale (0.08, 1)), flip."
+    return ResizedCropView(mean, std, size, **{**dict(scale=(0.08, 1.0), name="lincls"), **kw})

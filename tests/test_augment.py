@@ -467,3 +467,168 @@ def test_cuda_ops_equal_cpu_and_views_run_without_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert all(o.is_cuda and o.dtype == torch.float32 for o in outs)
+
+
+# ---------------------------------------------------------------- SSL views: resized crop, jitter, grayscale, blur
+from PIL import ImageFilter  # noqa: E402
+import torchvision.transforms.functional as TF  # noqa: E402
+import torchvision.transforms.v2.functional as TF2  # noqa: E402
+from ssl_nb.augment import (ResizedCropView, adjust_hue, box_blur_pil, color_jitter, gaussian_blur, grayscale,  # noqa: E402
+                            hflip, lincls_view, mae_view, mocov2_view, random_grayscale, random_resized_crop,
+                            resized_crop, rrc_boxes)
+
+
+def pil_each(x, fn):
+    "`fn(pil_image, i)` on every image of a uint8 batch, through PIL."
+    return torch.stack([from_pil(fn(to_pil(x[i]), i), x.shape[1]) for i in range(x.shape[0])])
+
+
+def test_rrc_boxes_follow_torchvision_get_params_on_the_same_uniforms():
+    "The batched sampler equals torchvision's loop (Python floats, round half to even) fed the same random numbers."
+    B, H, W, scale, ratio = 300, 20, 33, (0.08, 1.0), (3 / 4, 4 / 3)
+    boxes = rrc_boxes(B, H, W, gen(5), scale, ratio)
+    g = gen(5)
+    u = torch.rand(B, 10, 2, generator=g, dtype=torch.float64)
+    v = torch.rand(B, 2, generator=g, dtype=torch.float64)
+    for b in range(B):
+        for t in range(10):
+            area = H * W * (scale[0] + (scale[1] - scale[0]) * u[b, t, 0].item())
+            ar = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[b, t, 1].item())
+            w, h = int(round(math.sqrt(area * ar))), int(round(math.sqrt(area / ar)))
+            if 0 < w <= W and 0 < h <= H:
+                i, j = int(v[b, 0].item() * (H - h + 1)), int(v[b, 1].item() * (W - w + 1))
+                break
+        else:
+            h, w = H, int(round(H * ratio[1]))
+            i, j = 0, (W - w) // 2
+        assert boxes[b].tolist() == [i, j, h, w], b
+
+
+def test_rrc_fallback_for_tall_images_and_area_statistics():
+    boxes = rrc_boxes(50, 40, 6, gen(), scale=(1.0, 1.0))          # W/H = 0.15 < 3/4: never fits, central crop
+    assert (boxes == torch.tensor([[(40 - 8) // 2, 0, 8, 6]])).all()
+    b = rrc_boxes(20000, 64, 64, gen(1), scale=(0.2, 1.0))
+    area = (b[:, 2] * b[:, 3]).double() / 64 ** 2
+    assert area.min() >= 0.18 and area.max() <= 1.0
+    # below U(0.2, 1)'s mean 0.6: a large area with an aspect ratio far from 1 does not fit and is drawn again
+    assert 0.5 < area.mean().item() < 0.6
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("c", [1, 3])
+def test_resized_crop_matches_torchvision_and_pil(mode, c):
+    x = images(12, c, 26, 21, seed=3)
+    boxes = rrc_boxes(12, 26, 21, gen(2), scale=(0.05, 1.0))
+    im = getattr(TF2.InterpolationMode, mode.upper())
+    pil_mode = Image.BILINEAR if mode == "bilinear" else Image.BICUBIC
+    for size in [(28, 28), (32, 24), (9, 9)]:
+        out = resized_crop(x, boxes, size, mode)
+        ref = torch.stack([TF2.resized_crop(x[i], *boxes[i].tolist(), list(size), interpolation=im, antialias=True)
+                           for i in range(12)])
+        d = (out.int() - ref.int()).abs()
+        assert d.max() <= 2 and (d > 0).float().mean() < 0.02, (size, d.max(), (d > 0).float().mean())
+        for i in range(3):                                           # PIL itself: crop, then resize (on small crops,
+            t, l, h, w = boxes[i].tolist()                           # which pass Pillow 13 runs first may vary)
+            p = from_pil(to_pil(x[i]).crop((l, t, l + w, t + h)).resize(size[::-1], pil_mode), c)
+            assert (out[i].int() - p.int()).abs().float().mean() < 0.5
+        ref = torch.stack([TF2.resized_crop(x[i].float(), *boxes[i].tolist(), list(size), interpolation=im,
+                                            antialias=False) for i in range(12)]).round().clamp(0, 255)
+        d = (resized_crop(x, boxes, size, mode, antialias=False).float() - ref).abs()
+        assert d.max() <= 1 and (d > 0).float().mean() < 0.02    # ties at .5, summed in another order
+
+
+def test_random_resized_crop_deterministic_and_checks():
+    x = images(8, 3, 32, 32)
+    a, ba = random_resized_crop(x, gen(4), 24, return_params=True)
+    b, bb = random_resized_crop(x, gen(4), 24, return_params=True)
+    assert torch.equal(a, b) and torch.equal(ba, bb) and a.shape == (8, 3, 24, 24)
+    assert not torch.equal(ba, random_resized_crop(x, gen(5), 24, return_params=True)[1])
+    with pytest.raises(ConfigError, match="interpolation"):
+        random_resized_crop(x, gen(), 24, interpolation="nearest")
+    with pytest.raises(ConfigError, match="ratio"):
+        random_resized_crop(x, gen(), 24, ratio=(2.0, 1.0))
+    with pytest.raises(ConfigError, match="torch.Generator"):
+        random_resized_crop(x, None, 24)
+
+
+def test_grayscale_and_hue_match_pil():
+    x = images(48, 3, 7, 9, seed=1)
+    x[:6, 2] = x[:6, 0]
+    assert torch.equal(grayscale(x), pil_each(x, lambda im, i: TF.rgb_to_grayscale(im, 3)))
+    for hf in (-0.5, -0.23, 0.0, 0.004, 0.1, 0.37, 0.5):
+        assert torch.equal(adjust_hue(x, hf), pil_each(x, lambda im, i: TF.adjust_hue(im, hf))), hf
+    p = torch.rand(48, generator=gen(2)) - 0.5
+    assert torch.equal(adjust_hue(x, p), pil_each(x, lambda im, i: TF.adjust_hue(im, float(p[i]))))
+
+
+@pytest.mark.parametrize("random_order", [True, False])
+def test_color_jitter_matches_torchvision_on_pil(random_order):
+    fns = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for c in (3, 1):
+        x = images(96, c, 10, 8, seed=c)
+        y, f, order, apply = color_jitter(x, gen(c), 0.8, (0.5, 1.7), 0.6, 0.25, p=0.7, random_order=random_order,
+                                          return_params=True)
+
+        def ref(im, i):
+            for k in (order[i].tolist() if apply[i] else []): im = fns[k](im, float(f[i, k]))
+            return im
+        assert torch.equal(y, pil_each(x, ref))
+        assert random_order or (order == torch.arange(4)).all()
+        assert f[:, 0].min() >= 0.2 and f[:, 1].min() >= 0.5 and f[:, 1].max() <= 1.7 and f[:, 3].abs().max() <= 0.25
+        assert 0.5 < apply.float().mean() < 0.9
+
+
+def test_gaussian_blur_matches_pil_bit_for_bit():
+    for c, h, w, sigma in ((3, 16, 13, (0.1, 2.0)), (1, 28, 28, (0.1, 2.0)), (3, 4, 6, (0.1, 2.0)),
+                           (1, 20, 9, (2.5, 9.0))):
+        x = images(40, c, h, w, seed=h)
+        y, s, apply = gaussian_blur(x, gen(w), sigma, p=0.6, return_params=True)
+        assert torch.equal(y, pil_each(x, lambda im, i: im.filter(ImageFilter.GaussianBlur(radius=float(s[i])))
+                                       if apply[i] else im))
+        assert s.min() >= sigma[0] and s.max() <= sigma[1]
+    with pytest.raises(ConfigError, match="sigma"):
+        gaussian_blur(x, gen(), (0.0, 1.0))
+
+
+def test_ssl_views_on_grayscale_and_rgb():
+    for c in (1, 3):
+        x = images(32, c, 28, 28)
+        for make in (mocov2_view, mae_view, lincls_view):
+            v = make((0.5,) * c, (0.25,) * c, 32)
+            a, b = v(x, gen(9)), v(x, gen(9))
+            assert a.shape == (32, c, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
+            assert json.loads(json.dumps(v.describe()))["name"] == v.name
+    v = ResizedCropView((0.5,), (0.25,), 28, scale=(1.0, 1.0), flip=False)    # full-image crop: only normalisation
+    x = images(4, 1, 28, 28)
+    assert torch.equal(v.augment(x, gen()), x)
+    assert v(x, gen()).sub(x.float().div(255).sub(0.5).div(0.25)).abs().max() < 1e-6
+    with pytest.raises(ConfigError, match="mean"):
+        ResizedCropView((0.5, 0.5), (0.25,), 28)
+    with pytest.raises(ConfigError, match="jitter"):
+        ResizedCropView((0.5,), (0.25,), 28, jitter=(0.4, 0.4))
+    with pytest.raises(ConfigError, match="1 channel"):
+        mocov2_view((0.5,) * 3, (0.25,) * 3, 28)(images(2, 1, 28, 28), gen())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_ssl_ops_equal_cpu_and_views_run_without_sync():
+    x = images(64, 3, 32, 32)
+    xc = x.cuda()
+    boxes = rrc_boxes(64, 32, 32, gen(1))
+    for mode in ("bilinear", "bicubic"):
+        d = (resized_crop(xc, boxes.cuda(), 28, mode).cpu().int() - resized_crop(x, boxes, 28, mode).int()).abs()
+        assert d.max() <= 1
+    hf = torch.rand(64, generator=gen(2)) - 0.5
+    assert torch.equal(adjust_hue(xc, hf.cuda()).cpu(), adjust_hue(x, hf))
+    s = 0.1 + 1.9 * torch.rand(64, generator=gen(3), dtype=torch.float64)
+    assert torch.equal(box_blur_pil(xc, s.cuda(), 2.0).cpu(), box_blur_pil(x, s, 2.0))
+    g = gen(0, "cuda")
+    views = [mocov2_view((0.5,) * 3, (0.25,) * 3, 32), mae_view((0.5,) * 3, (0.25,) * 3, 32)]
+    for v in views: v(xc, g)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [v(xc, g) for v in views] + [hflip(xc, g), random_grayscale(xc, g)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(o.is_cuda for o in outs)
