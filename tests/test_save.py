@@ -126,12 +126,12 @@ def test_forward_time_interpolation_equals_load_time(tiny128_file):
 
 
 def test_global_blocks_found_by_index_not_substring(tmp_path):
-    "12 blocks, global at 2, 5, 8, 11: blocks 1 and 10 contain those digits but are windowed and keep their tables."
-    arch = replace(get_arch("tiny"), depth=12, global_attn_indexes=(2, 5, 8, 11))
+    "ViT-H's pattern (32 blocks, global 7, 15, 23, 31): SAM-Med2D's substring match would take 2, 12, 25 and miss 7, 31."
+    arch = replace(get_arch("tiny"), depth=32, global_attn_indexes=(7, 15, 23, 31))
     torch.save(randomise_positions(build_sam(arch, 128)).state_dict(), tmp_path / "deep.pth")
-    sd = build_sam(arch, 64, tmp_path / "deep.pth").state_dict()
-    for i in range(12):
-        assert sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == (7 if i in (2, 5, 8, 11) else 3), i
+    report = load_sam_weights(build_sam(arch, 64), tmp_path / "deep.pth")
+    resized = {k for k in report.resized if "rel_pos" in k}
+    assert resized == {f"image_encoder.blocks.{i}.attn.rel_pos_{hw}" for i in (7, 15, 23, 31) for hw in "hw"}
 
 
 def test_save_loads_a_sam_checkpoint_with_its_new_keys_initialised(tiny128_file):
