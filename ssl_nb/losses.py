@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from .core import ConfigError, all_gather_cat
 
 # %% auto #0
-__all__ = ['KL_MASKS', 'pseudo_label', 'kl_from_logits', 'soft_ce', 'fixmatch_loss', 'low_confidence_kl', 'refixmatch_loss',
-           'masked_kl', 'sequencematch_loss', 'FlexMatchThreshold', 'dist_align_queue', 'DistAlignQueue',
-           'simmatch_loss', 'simmatch_bank_update', 'comatch_smooth', 'comatch_graph', 'comatch_loss',
-           'comatch_queue_push']
+__all__ = ['KL_MASKS', 'DISTILL_REDUCTIONS', 'pseudo_label', 'kl_from_logits', 'soft_ce', 'fixmatch_loss', 'low_confidence_kl',
+           'refixmatch_loss', 'masked_kl', 'sequencematch_loss', 'FlexMatchThreshold', 'dist_align_queue',
+           'DistAlignQueue', 'simmatch_loss', 'simmatch_bank_update', 'comatch_smooth', 'comatch_graph', 'comatch_loss',
+           'comatch_queue_push', 'moco_v3_loss', 'moco_loss', 'embedding_distill_loss', 'seed_loss']
 
 # %% ../nbs/04_losses.ipynb #c586bb6d
 def _check_logits(**named):
@@ -266,3 +266,82 @@ def comatch_queue_push(queue_feats: torch.Tensor, queue_probs: torch.Tensor, ptr
     new_probs = torch.where(take, probs.detach().to(queue_probs.dtype)[rc], queue_probs)
     new_ptr = (ptr + n) % Q                                               # wraps modulo Q, as USB/EPASS
     return new_feats, new_probs, new_ptr
+
+# %% ../nbs/04_losses.ipynb #1b1dc860
+def _check_embeddings(what: str, **named) -> tuple:
+    "Clear errors for embedding batches: 2-d floating point `[rows, d]`, all of one shape."
+    for k, v in named.items():
+        if not isinstance(v, torch.Tensor) or v.ndim != 2 or not v.is_floating_point():
+            raise ConfigError(f"{what}: {k} must be a floating point tensor [rows, d]; got "
+                              f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}.")
+    shapes = {k: tuple(v.shape) for k, v in named.items()}
+    if len(set(shapes.values())) > 1: raise ConfigError(f"{what}: the embeddings must have one shape; got {shapes}.")
+    return next(iter(shapes.values()))
+
+def _check_queue(what: str, queue, d: int) -> None:
+    if not isinstance(queue, torch.Tensor) or queue.ndim != 2 or queue.shape[1] != d:
+        raise ConfigError(f"{what}: queue must be a tensor [K, {d}] (one key per row, as `MoCoQueue.queue`); got "
+                          f"{tuple(queue.shape) if isinstance(queue, torch.Tensor) else type(queue).__name__}.")
+
+def _check_temperature(**named) -> None:
+    for k, v in named.items():
+        if not v > 0: raise ConfigError(f"{k} must be > 0; got {v}.")
+
+# %% ../nbs/04_losses.ipynb #bc469bfc
+def moco_v3_loss(q: torch.Tensor, k: torch.Tensor, T: float = 0.2, offset: int = 0) -> torch.Tensor:
+    """MoCo v3's contrastive loss `CE(n(q) n(k)ᵀ / T, labels) · 2T`, n = L2 normalisation, labels `offset + arange(B)`:
+    row i of `q` [B, d] has its positive at row `offset + i` of `k` [N, d] (N = B, or the keys of all processes with
+    `offset = rank · B`). `k` is a target: no gradient flows into it. Computed in fp32."""
+    _check_temperature(T=T)
+    if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1] or not 0 <= offset <= k.shape[0] - q.shape[0]:
+        raise ConfigError(f"moco_v3_loss: q [B, d] and k [N, d] with offset + B <= N; got {tuple(q.shape)}, "
+                          f"{tuple(k.shape)}, offset={offset}.")
+    with _fp32(q):
+        q, k = F.normalize(q.float(), dim=1), F.normalize(k.detach().float(), dim=1)
+        labels = torch.arange(offset, offset + q.shape[0], device=q.device)
+        return F.cross_entropy(q @ k.t() / T, labels) * (2 * T)
+
+# %% ../nbs/04_losses.ipynb #39689322
+def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float = 0.2) -> torch.Tensor:
+    """MoCo (v1/v2)'s InfoNCE: `mean_b CE([q_b·k_b, q_b·queueᵀ] / T, label 0)`. `q` and `k` [B, d] are L2-normalised
+    here (raw head outputs are fine); the rows of `queue` [K, d] are used as they are (the queue stores normalised
+    keys). `k` and `queue` get no gradient. Computed in fp32."""
+    _check_temperature(T=T)
+    B, d = _check_embeddings("moco_loss", q=q, k=k)
+    _check_queue("moco_loss", queue, d)
+    with _fp32(q):
+        q, k = F.normalize(q.float(), dim=1), F.normalize(k.detach().float(), dim=1)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.detach().float().t()], 1) / T
+        return F.cross_entropy(logits, torch.zeros(B, dtype=torch.long, device=q.device))
+
+# %% ../nbs/04_losses.ipynb #6879fa8c
+DISTILL_REDUCTIONS = ("sum", "sum_ref32", "mean")
+
+def embedding_distill_loss(s_q: torch.Tensor, s_k: torch.Tensor, t_q: torch.Tensor, t_k: torch.Tensor,
+                           reduction: str = "sum") -> torch.Tensor:
+    """DisCo's consistency loss `Σ_b ‖n(t_q) − n(s_q)‖² + Σ_b ‖n(t_k) − n(s_k)‖²` (the code's `MSELoss(reduction='sum')`
+    on normalised embeddings); "mean" divides by B, "sum_ref32" rescales the sum to the reference per-GPU batch of
+    32 (sum / B · 32). Student embeddings `s_*` get the gradient, teacher embeddings `t_*` none. Retro's code passes
+    `s_k = s_q` (the cross-view variant). Computed in fp32."""
+    if reduction not in DISTILL_REDUCTIONS:
+        raise ConfigError(f"reduction={reduction!r}; use one of {DISTILL_REDUCTIONS} ('sum' is DisCo's and Retro's code).")
+    B, _ = _check_embeddings("embedding_distill_loss", s_q=s_q, s_k=s_k, t_q=t_q, t_k=t_k)
+    with _fp32(s_q):
+        n = lambda t: F.normalize(t.float(), dim=1)
+        loss = (n(t_q.detach()) - n(s_q)).pow(2).sum() + (n(t_k.detach()) - n(s_k)).pow(2).sum()
+    return loss if reduction == "sum" else loss / B * (32 if reduction == "sum_ref32" else 1)
+
+# %% ../nbs/04_losses.ipynb #0507e3f6
+def seed_loss(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, T_s: float = 0.2, T_t: float = 1e-4) -> torch.Tensor:
+    """SEED's distillation loss: the student's similarity distribution over `[t, queue]` matches the teacher's,
+    `mean_b −Σ_j softmax(z_t / T_t)_j log softmax(z_s / T_s)_j` with `z_s = [s_b·t_b, s_b·queueᵀ]` and
+    `z_t = [t_b·t_b, t_b·queueᵀ]`. `s` (student) and `t` (teacher) [B, d] are L2-normalised here; `queue` [K, d] holds
+    normalised teacher embeddings. Only `s` gets a gradient. Computed in fp32."""
+    _check_temperature(T_s=T_s, T_t=T_t)
+    B, d = _check_embeddings("seed_loss", s=s, t=t)
+    _check_queue("seed_loss", queue, d)
+    with _fp32(s):
+        s, t, D = F.normalize(s.float(), dim=1), F.normalize(t.detach().float(), dim=1), queue.detach().float()
+        z_s = torch.cat([(s * t).sum(1, keepdim=True), s @ D.t()], 1) / T_s
+        z_t = torch.cat([(t * t).sum(1, keepdim=True), t @ D.t()], 1) / T_t
+        return soft_ce(z_s, z_t.softmax(1)).mean()

@@ -260,3 +260,56 @@ def test_flexmatch_bad_input():
         flex(torch.rand(2, 4), torch.arange(2))
     with pytest.raises(ConfigError, match="threshold"):
         FlexMatchThreshold(10, 3, threshold=1.5)
+
+
+# ---------------------------------------------------------------- self-supervised and distillation losses
+import torch.nn.functional as F  # noqa: E402
+from ssl_nb.losses import embedding_distill_loss, moco_loss, moco_v3_loss, seed_loss  # noqa: E402
+
+
+def unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_moco_loss_equals_the_reference_formula():
+    q, k, Q = torch.randn(7, 32), torch.randn(7, 32), unit(50, 32)
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    pos, neg = (qn * kn).sum(1, keepdim=True), qn @ Q.T                 # builder.py: einsum('nc,nc->n'), ('nc,ck->nk')
+    ref = F.cross_entropy(torch.cat([pos, neg], 1) / 0.07, torch.zeros(7, dtype=torch.long))
+    torch.testing.assert_close(moco_loss(q, k, Q, T=0.07), ref)
+
+
+def test_moco_v3_loss_with_gathered_keys_equals_the_local_one_when_the_others_are_orthogonal():
+    q = torch.eye(8)[:4] * 5                                            # 4 local queries
+    k_all = torch.cat([torch.eye(8)[4:], torch.eye(8)[:4]])             # rank 1 of 2: own keys at rows 4..7
+    torch.testing.assert_close(moco_v3_loss(q, k_all, 0.2, offset=4),
+                               2 * 0.2 * F.cross_entropy(torch.eye(4, 8) / 0.2, torch.arange(4)))
+
+
+def test_embedding_distill_loss_range_cross_view_and_autocast():
+    B = 16
+    sq, sk, tq, tk = (torch.randn(B, 8) for _ in range(4))
+    loss = embedding_distill_loss(sq, sk, tq, tk)
+    assert 0 <= loss <= 8 * B
+    n = lambda t: F.normalize(t, dim=1)
+    cross = embedding_distill_loss(sq, sq, tq, tk)                       # Retro's code: the query view in both terms
+    torch.testing.assert_close(cross, ((n(tq) - n(sq)) ** 2).sum() + ((n(tk) - n(sq)) ** 2).sum())
+    torch.testing.assert_close(embedding_distill_loss(sq, sk, tq, tk, "mean") * B, loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = embedding_distill_loss(sq.bfloat16(), sk.bfloat16(), tq, tk)
+    assert out.dtype == torch.float32
+
+
+def test_seed_loss_targets_and_gradients():
+    s, t, D = torch.randn(5, 16, requires_grad=True), torch.randn(5, 16, requires_grad=True), unit(40, 16)
+    tn = F.normalize(t.detach(), dim=1)
+    zt = torch.cat([(tn * tn).sum(1, keepdim=True), tn @ D.T], 1) / 0.5
+    sn = F.normalize(s, dim=1)
+    zs = torch.cat([(sn * tn).sum(1, keepdim=True), sn @ D.T], 1) / 0.3
+    ref = -(zt.softmax(1) * zs.log_softmax(1)).sum(1).mean()
+    loss = seed_loss(s, t, D, T_s=0.3, T_t=0.5)
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert s.grad is not None and t.grad is None
+    with pytest.raises(ConfigError, match="queue"):
+        seed_loss(s, t, D.T)
