@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .core import CheckpointError, ConfigError, Registry
+from .core import CheckpointError, ConfigError, Registry, unwrap
 from .kernels import gather_tokens, masked_patch_mse, patchify, scatter_tokens
 
 # %% auto #0
@@ -75,10 +75,13 @@ def checkerboard(h: int, w: int, k: int = 1, phase: int = 0, offset: tuple[int, 
     j = torch.div(torch.arange(w, device=device) + oj, k, rounding_mode="floor")
     return ((i[:, None] + j[None, :] + phase) % 2) == 1
 
-@lru_cache(maxsize=None)
 def checkerboard_count(h: int, w: int, k: int = 1, phase: int = 0, offset: tuple[int, int] = (0, 0)) -> int:
     "The number of masked patches of `checkerboard(h, w, k, phase, offset)`, counted on the host."
-    oi, oj = _check_checkerboard(h, w, k, phase, tuple(offset))
+    return _checkerboard_count(h, w, k, phase, tuple(offset) if isinstance(offset, (tuple, list)) else offset)
+
+@lru_cache(maxsize=None)
+def _checkerboard_count(h, w, k, phase, offset) -> int:
+    oi, oj = _check_checkerboard(h, w, k, phase, offset)
     odd_i = sum(((i + oi) // k) % 2 for i in range(h))
     odd_j = sum(((j + oj) // k) % 2 for j in range(w))
     ev_i, ev_j = h - odd_i, w - odd_j
@@ -568,6 +571,7 @@ def load_mim_checkpoint(model: nn.Module, path, key: str | None = None, interpol
     """Load MAE's (`.pth`, `model` entry), timm's (`.pth`/`.safetensors`) or ssl_nb's weights from the local file
     `path` into `model` (a `ViTEncoder`, or a model with an `encoder` and optionally an MAE `decoder`). Raises
     `CheckpointError` for missing encoder keys, shape mismatches and keys of another architecture."""
+    model = unwrap(model)                          # DDP / torch.compile wrappers
     enc = model if isinstance(model, ViTEncoder) else getattr(model, "encoder", None)
     if not isinstance(enc, ViTEncoder):
         raise ConfigError(f"load_mim_checkpoint loads into a ViTEncoder or a model with an `encoder` ViTEncoder; got "

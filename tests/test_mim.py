@@ -157,6 +157,8 @@ def test_simmim_counts(size, p, mp, ratio, masked):
 def test_mask_to_ids():
     m = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 1, 1, 0]], dtype=torch.bool)
     assert mask_to_ids(m, 3).tolist() == [[1, 3, 4], [0, 1, 4]]
+    assert mask_to_ids(~m, 2).tolist() == [[0, 2], [2, 3]]                          # the masked ids
+    assert checkerboard_count(6, 6, 2, 0, [1, 0]) == checkerboard_count(6, 6, 2, 0, (1, 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -546,6 +548,9 @@ def test_create_with_checkpoint(tmp_path):
     dst = create_mae(checkpoint=tmp_path / "mae.pth")
     assert torch.equal(dst.decoder.pred.weight, src.decoder.pred.weight)
     assert torch.equal(create_encoder(checkpoint=tmp_path / "mae.pth").norm.weight, src.encoder.norm.weight)
+    compiled = torch.compile(create_mae())                                          # wrapper: loads into _orig_mod
+    load_mim_checkpoint(compiled, tmp_path / "mae.pth")
+    assert torch.equal(compiled._orig_mod.encoder.cls_token, src.encoder.cls_token)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
