@@ -57,4 +57,4 @@ export: setup
 	$(BIN)/nbdev_clean && $(BIN)/nbdev_export
 
 bench-kernels: setup
-	$(PY) -m ssl_nb.kernels.bench --out runs/bench
+	$(PY) benchmarks/kernels.py --out runs/bench

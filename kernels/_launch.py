@@ -15,7 +15,7 @@ tensors it allocates itself (fresh from the caching allocator, 512-byte aligned)
 The fast path is skipped (triton's path is taken) under the interpreter, when a launch hook is registered (e.g. the
 proton profiler), when the current CUDA device is not the one the kernel was loaded on, with an async-compile
 kernel, or when `SSL_NB_FAST_LAUNCH=0` is set (read at import). Tested on the CPU against triton's own binder
-(`tests/test_kernels.py::test_fast_launch_args`), and on the GPU by `checks.py`'s `repeat_*` cases.
+(`tests/test_kernels.py::test_fast_launch_args`), and on the GPU by `tests/test_kernel_checks.py`'s `repeat_*` cases.
 """
 from __future__ import annotations
 

@@ -310,21 +310,22 @@ _grad_enabled = torch.is_grad_enabled
 
 # ---------------------------------------------------------------------------------------------------------- launch
 def pick_config(R: int, C: int, interpret: bool = INTERPRETED, views: int = 3) -> dict:
-    """Block sizes. GPU (H100 runs of 2026-11-26 in kernels/bench-h100-*.md):
-    - one row per tile from C ~ 1000 up (Liger's layout), 16 prefetched rows per program for large SequenceMatch
-      batches;
-    - 16 rows per tile for C <= 128: 448 x 10 spread over 28 programs, fwd+bwd 0.0057-0.0060 ms of GPU time against
-      0.0170-0.0176 for the whole batch in one program walking 4 tiles (the choice before 15:18) and 0.0060-0.0081
-      for 8, 32 or 64 rows per tile (-1518.md, -1524-tune.md); a single program only when the batch is <= 4 tiles;
-    - LAST_PROGRAM_SUMS (the loss summed by the last program: one launch) except with one row per program, where the
-      tickets of many short programs can cost more than the second launch (SequenceMatch at 1280 x 1000 +12-13%;
-      FixMatch and ReFixMatch +4% to +13% at 8192 and 32768 x 1000, -5% to -8% at 1280 x 1000); with it 448 x 10 is
-      9-10% and 448 x 100 8% faster, SequenceMatch at 8192 and 32768 x 1000 within 1%;
-    - FUSED_REDUCE (three reductions per row: GPU time 22% lower for SequenceMatch at 32768 x 1000 bf16, 9-13% for
-      FixMatch and ReFixMatch there, within 3% elsewhere: -1313-tune.md).
-    Interpreter: large blocks, since each program instance costs milliseconds, and the separate reductions (the
-    interpreter runs a multi-operand reduction's combine function in Python, element by element: kernels/README.md,
-    design section 1)."""
+    """Block sizes and flags of the loss kernel for R rows of C classes (`views`: 3 for SequenceMatch, 2 otherwise).
+    GPU:
+    - BLOCK_C = next_pow2(C), at least 16, at most MAX_BLOCK_C (above: two sweeps over class blocks);
+    - BLOCK_R = 16 rows per tile for C <= 128 (448 x 10: 28 programs), ~1024 values per tile above, i.e. one row per
+      tile from C ~ 1000 up (Liger-Kernel's layout); a batch of at most 4 tiles goes to one program that walks them
+      (ROW_TILES); num_warps 4 up to 1024 values per tile, 8 up to 4096, 16 above;
+    - SequenceMatch with one row per tile and at least 8192 rows: 16 rows per program, PREFETCH (the next row's loads
+      issued before this row's math);
+    - LAST_PROGRAM_SUMS (the loss summed by the last program, in the same launch) wherever a program owns more than
+      one row; with one row per program a second launch sums the partials (the tickets of many short programs can
+      cost more than that launch);
+    - FUSED_REDUCE: 3 reductions per row instead of 13.
+    The timings of these layouts and of the alternatives (`benchmarks/kernels.py --tune`) on an H100:
+    benchmarks/results/kernels-h100.md.
+    Interpreter: up to 32768 values per tile, since each program instance costs milliseconds, and the separate
+    reductions (the interpreter runs a multi-operand reduction's combine function in Python, element by element)."""
     BLOCK_C = max(16, min(next_pow2(C), MAX_BLOCK_C))
     if interpret:
         BLOCK_R = min(next_pow2(R), max(1, 32768 // BLOCK_C))
@@ -336,8 +337,7 @@ def pick_config(R: int, C: int, interpret: bool = INTERPRETED, views: int = 3) -
                num_warps=4 if tile <= 1024 else (8 if tile <= 4096 else 16), FUSED_REDUCE=True)
     if views == 3 and BLOCK_R == 1 and R >= 8192 and C <= BLOCK_C:
         # many long rows: 16 rows per program, the next row's loads in flight during this row's math (SequenceMatch
-        # on an H100, 2026-11-26: 8-9% faster forward at 8192 and 32768 x 1000 bf16 than one row per program; not
-        # measured for the two-view losses, whose kernel then spills a register under ptxas)
+        # only: the two-view kernel spills a register under ptxas with PREFETCH)
         cfg.update(ROW_TILES=16, PREFETCH=True)
     cfg["LAST_PROGRAM_SUMS"] = BLOCK_R > 1 or cfg["ROW_TILES"] > 1
     return cfg
@@ -422,7 +422,7 @@ def _execute(p: _Plan, zw, zm, zs, mask, threshold: float, inv_T: float):
 
 
 def launch(zw, zm, zs, mask, threshold, T, has_m, low_conf, write_grad, config=None, kl_mode=0):
-    "One uncached launch on validated arguments (used by `_aot`): (loss, mask, grad_m, grad_s, scales)."
+    "One uncached launch on validated arguments (used by tools/aot.py): (loss, mask, grad_m, grad_s, scales)."
     p = _make_plan(zw, zm, zs, mask, has_m, low_conf, write_grad, config, kl_mode)
     return _execute(p, zw, zm, zs, mask, float(threshold), 1.0 / T)
 

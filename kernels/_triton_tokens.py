@@ -239,7 +239,7 @@ def _take_launcher(src, ids, N, use_inv, write_inv, has_fill, sf, config):
     return Launcher(_take_kernel, (rows * n_d,), meta), tail
 
 
-# ---------------------------------------------------------------------------------- uncached entry points (`_aot`)
+# ---------------------------------------------------------------------------- uncached entry points (tools/aot.py)
 def gather(x, ids, write_inv=False, config=None):
     "out [B, K, D] (and inv [B, N] int32 when write_inv) on validated arguments."
     B, N, D = x.shape

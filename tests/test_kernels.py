@@ -1,58 +1,21 @@
-"""Tests of ssl_nb.kernels on the CPU, through Triton's interpreter.
-
-Every Triton launch happens in a child process (`python -m ssl_nb.kernels.checks`): an out-of-bounds access under the
-interpreter kills the process, and a child dying costs one case, not the test session (the runner restarts it on the
-remaining cases). The child also keeps TRITON_INTERPRET=1 and the triton import out of this process. The cases
-themselves (values and gradients against `ssl_nb.losses` / the MAE references) live in `kernels/checks.py`, shared
-with the GPU check `kernels/gpu_check.sh`.
+"""Tests of ssl_nb.kernels around the kernels' values (those are in test_kernel_checks.py): dispatch errors, the
+sm_90a build (tools/aot.py), the direct launch path on a fake driver (tools/hostprof.py), pick_config's GPU layouts,
+the benchmark's dry run (benchmarks/kernels.py) and the GPU check script (tools/gpu_check.sh). Everything that
+imports triton runs in a child process, so this process never does.
 """
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from ssl_nb.kernels.checks import cases
-
-NAMES = list(cases("cpu"))
+ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TRITON_INTERPRET": "1", "SSL_NB_KERNELS": "triton", "PYTHONWARNINGS": "ignore"}
 TIMEOUT = 600
-
-
-def _run_checks(names):
-    "Run the cases in children; a child that dies marks its current case as crashed and a new child goes on."
-    results, todo = {}, list(names)
-    while todo:
-        p = subprocess.run([sys.executable, "-m", "ssl_nb.kernels.checks", "--device", "cpu", "--cases", *todo],
-                           capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
-        current = None
-        for line in p.stdout.splitlines():
-            word, _, rest = line.partition(" ")
-            if word == "START": current = rest.strip()
-            elif word in ("PASS", "FAIL"):
-                name, _, detail = rest.partition(" ")
-                results[name] = (word == "PASS", detail)
-                current = None
-        if current is not None:        # died inside a case
-            results[current] = (False, f"child process died (exit {p.returncode}) in this case: {p.stderr[-2000:]}")
-        elif p.returncode not in (0, 1):
-            for n in todo:
-                results.setdefault(n, (False, f"child exited {p.returncode}: {p.stderr[-2000:]}"))
-        todo = [n for n in todo if n not in results]
-    return results
-
-
-@pytest.fixture(scope="module")
-def interpreter_results():
-    return _run_checks(NAMES)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_interpreter(name, interpreter_results):
-    ok, detail = interpreter_results[name]
-    assert ok, detail
 
 
 def _py(code, **env):
@@ -105,16 +68,16 @@ def test_bad_backend_name():
 def test_compiles_for_sm90():
     """The interpreter is more lenient than the compiler: build every GPU configuration for sm_90a with triton's
     bundled ptxas (no GPU needed) and check for register spills and unvectorised loads."""
-    p = subprocess.run([sys.executable, "-m", "ssl_nb.kernels._aot"], capture_output=True, text=True, timeout=TIMEOUT,
-                       env={**os.environ, "TRITON_INTERPRET": "0"})
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "aot.py")], capture_output=True, text=True,
+                       timeout=TIMEOUT, env={**os.environ, "TRITON_INTERPRET": "0"})
     lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
     assert p.returncode == 0 and lines, p.stdout[-3000:] + p.stderr[-3000:]
 
 
 def test_ticket_check_of_the_sm90_build():
-    """`_aot`'s check on the one-launch sum's PTX (test_compiles_for_sm90 runs it on the real kernels) tells a ticket
-    taken by the thread that stored the partial from one taken by another thread, or with no partial stored."""
-    code = ("from ssl_nb.kernels._aot import ticket_after_own_store as t\n"
+    """tools/aot.py's check on the one-launch sum's PTX (test_compiles_for_sm90 runs it on the real kernels) tells a
+    ticket taken by the thread that stored the partial from one taken by another thread, or with no partial stored."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r})\nfrom aot import ticket_after_own_store as t\n"
             "ok = '@%p5 st.global.b32 [a], {r};\\nbar.sync 0;\\n@%p5 atom.global.gpu.acq_rel.add.u32 %r1, [b], %r2;'\n"
             "print(t(ok), t(ok.replace('@%p5 st', '@%p6 st')), t(ok.split('\\n', 1)[1]), t('ld.global.b32'))")
     p = _py(code, TRITON_INTERPRET="0")
@@ -122,9 +85,9 @@ def test_ticket_check_of_the_sm90_build():
 
 
 def test_pick_config_gpu_layouts():
-    """pick_config's GPU layouts as measured on the H100 (kernels/README.md, evening session): 448 x 10 spread over 28
-    programs of 16 rows with the loss summed in the same launch; a batch of <= 4 tiles in one program; one row per
-    program at C = 1000 below 8192 rows, summed by a second launch; 16 prefetched rows per SequenceMatch program above."""
+    """pick_config's GPU layouts (their timings: benchmarks/results/kernels-h100.md): 448 x 10 spread over 28 programs
+    of 16 rows with the loss summed in the same launch; a batch of <= 4 tiles in one program; one row per program at
+    C = 1000 below 8192 rows, summed by a second launch; 16 prefetched rows per SequenceMatch program above."""
     code = ("from ssl_nb.kernels._triton_losses import pick_config as p\n"
             "for R, C, v in ((448, 10, 3), (448, 10, 2), (61, 10, 3), (448, 100, 3), (1280, 1000, 3), (32768, 1000, 3),"
             " (32768, 1000, 2)):\n"
@@ -137,7 +100,7 @@ def test_pick_config_gpu_layouts():
 
 
 # The direct launch path (`_launch.Launcher`) checked on the CPU: triton's compiled-mode launch path runs for real
-# (binder, specialisation, cache key) on a fake driver (`ssl_nb.kernels.hostprof`) whose "compiled kernel" is named by
+# (binder, specialisation, cache key) on a fake driver (`tools/hostprof.py`) whose "compiled kernel" is named by
 # its cache key; every launch, through triton or direct, must pass exactly the arguments triton's binder produces for
 # the call, to the kernel triton would pick for them (same specialisation: dtypes, 16-byte alignment, ints equal to 1
 # or multiples of 16).
@@ -147,7 +110,8 @@ os.environ["TRITON_INTERPRET"] = "0"
 import torch, triton
 from triton.runtime.jit import compute_cache_key
 from triton import knobs
-from ssl_nb.kernels.hostprof import install_fake_driver
+sys.path.insert(0, os.environ["SSL_NB_TOOLS"])
+from hostprof import install_fake_driver
 LOG = []
 install_fake_driver(record=LOG)
 import ssl_nb.kernels._launch as LA
@@ -217,14 +181,14 @@ print("OK", STATS)
 
 
 def test_fast_launch_args():
-    p = _py(FAST_LAUNCH_SCRIPT, TRITON_INTERPRET="0")
+    p = _py(FAST_LAUNCH_SCRIPT, TRITON_INTERPRET="0", SSL_NB_TOOLS=str(ROOT / "tools"))
     assert p.returncode == 0 and p.stdout.startswith("OK"), p.stdout[-3000:] + p.stderr[-3000:]
 
 
 def test_bench_dry_run(tmp_path):
     """The benchmark script end to end on the CPU (interpreter, tiny shapes, torch.compile rows with aot_eager): every
     row measured without error, the Triton op inside torch.compile included, and the four output files written."""
-    p = subprocess.run([sys.executable, "-m", "ssl_nb.kernels.bench", "--dry-run", "--out", str(tmp_path),
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--dry-run", "--out", str(tmp_path),
                         "--only", "losses,tokens"], capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
@@ -239,8 +203,9 @@ def test_bench_dry_run(tmp_path):
 def test_bench_tuning_summary():
     """bench.md's layout summary names, per loss and shape, the variant with the least GPU time of fwd+bwd (graph ms),
     compares it with pick_config's layout and eager, and skips shapes without variants or without graph times."""
-    from ssl_nb.kernels.bench import Bench
-    b = Bench.__new__(Bench)
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", ROOT / "benchmarks" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+    b = bench.Bench.__new__(bench.Bench)
     row = lambda shape, impl, ms, mode="fwd+bwd": dict(op="sequencematch_loss", shape=shape, impl=impl, mode=mode,
                                                        graph_ms=ms)
     b.rows = [row("448x10", "triton", 0.02), row("448x10", "eager", 0.12), row("448x10", "triton[A]", 0.008),
@@ -253,15 +218,21 @@ def test_bench_tuning_summary():
 
 
 def test_gpu_check_script_passes_options(tmp_path):
-    """kernels/gpu_check.sh with `echo` standing in for python: each step gets its own options (CHECKS_ARGS to the
-    checks, BENCH_ARGS to the benchmark) and writes its log under OUT, without a GPU."""
-    script = os.path.join(os.path.dirname(__file__), "..", "kernels", "gpu_check.sh")
-    p = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "PYTHON": "echo", "CHECKS_ARGS": "--cases sum_over_programs",
-                            "BENCH_ARGS": "--no-compile --only losses"})
-    checks, bench = (tmp_path / "checks.log").read_text(), (tmp_path / "bench.log").read_text()
-    assert checks.split() == ["-m", "ssl_nb.kernels.checks", "--device", "cuda", "--out", str(tmp_path), "--cases",
-                              "sum_over_programs"], checks
-    assert bench.split()[:2] == ["-m", "ssl_nb.kernels.bench"] and bench.split()[-3:] == ["--no-compile", "--only",
-                                                                                          "losses"], bench
+    """tools/gpu_check.sh with `echo` standing in for python, without a GPU: the checks are `pytest -m cuda` on
+    test_kernel_checks.py (CHECKS_CASES: those cases' node ids instead of the file; CHECKS_ARGS: more pytest
+    options), the benchmark is benchmarks/kernels.py with BENCH_ARGS, and each step writes its log under OUT."""
+    script = ROOT / "tools" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": "echo", "BENCH_ARGS": "--no-compile --only losses"}
+    p = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60, env=env)
+    checks, bench = (tmp_path / "checks.log").read_text().split(), (tmp_path / "bench.log").read_text().split()
+    tests = str(ROOT / "tests" / "test_kernel_checks.py")
+    assert checks[:5] == ["-m", "pytest", tests, "-m", "cuda"], checks
+    assert bench[0] == str(ROOT / "benchmarks" / "kernels.py") and bench[1:3] == ["--out", str(tmp_path)], bench
+    assert bench[-3:] == ["--no-compile", "--only", "losses"], bench
     assert "done: checks=0 bench=0" in p.stdout, p.stdout[-2000:]
+    env.update(CHECKS_CASES="sum_over_programs losses_last_program_sums", CHECKS_ARGS="-x")
+    subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60, env=env)
+    checks = (tmp_path / "checks.log").read_text().split()
+    assert checks[2:4] == [f"{tests}::test_cuda[sum_over_programs]", f"{tests}::test_cuda[losses_last_program_sums]"]
+    assert checks[-1] == "-x", checks
+

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one command of a borrowed-GPU session (see README "GPU checks"): kernel correctness checks and benchmark,
-# the host-time profile of the small fused loss (kernels/cudaprof.py), then end-to-end training steps. Needs
+# The one command of a borrowed-GPU session: kernel correctness checks and benchmark (tools/gpu_check.sh), the
+# host-time profile of the small fused loss (tools/cudaprof.py), then end-to-end training steps. Needs
 # Fashion-MNIST's four IDX files in .carry/fashion-mnist (an ignored folder):
 #   mkdir -p .carry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .carry/fashion-mnist/
 #   device run: carry [".carry"], command: bash tools/gpu_session.sh "$OUT"
@@ -12,10 +12,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 END=$(( $(date +%s) + ${TOTAL_S:-570} ))
 left() { local l=$(( END - $(date +%s) - 15 )); [ "$l" -gt "$1" ] && l=$1; echo "$l"; }
 CHECKS_TIMEOUT_S="$(left "${CHECKS_TIMEOUT_S:-240}")" BENCH_BUDGET_S="${BENCH_BUDGET_S:-120}" \
-  timeout "$(left 520)" bash "$ROOT/kernels/gpu_check.sh" "$OUT"
+  timeout "$(left 520)" bash "$ROOT/tools/gpu_check.sh" "$OUT"
 PP="$(mktemp -d)"; mkdir -p "$PP/ssl_nb"; cp "$ROOT"/ssl_nb/*.py "$PP/ssl_nb/"; cp -r "$ROOT/kernels" "$PP/ssl_nb/kernels"
 if [ "$(left 90)" -ge 30 ]; then
-  (cd "$PP" && PYTHONPATH="$PP" timeout "$(left 90)" python3 -m ssl_nb.kernels.cudaprof --out "$OUT" > "$OUT/cudaprof.log" 2>&1)
+  (cd "$PP" && PYTHONPATH="$PP" timeout "$(left 90)" python3 "$ROOT/tools/cudaprof.py" --out "$OUT" > "$OUT/cudaprof.log" 2>&1)
   head -n 24 "$OUT/cudaprof.log"    # (not `| head`: its early exit would kill cudaprof before it writes cudaprof.txt)
 else echo "gpu_session: no time left for cudaprof"; fi
 if [ "$(left "${SMOKE_TIMEOUT_S:-150}")" -ge 60 ]; then

@@ -1,4 +1,6 @@
-"""Compile the kernels for an NVIDIA target on a machine without a GPU (a development check, not used at run time).
+"""Compile the ssl_nb.kernels kernels for an NVIDIA target on a machine without a GPU (a development check).
+
+    python tools/aot.py      # every GPU configuration for sm_90a; one JSON line per kernel; exit 1 on a problem
 
 The interpreter is more lenient than the compiler (globals, constexpr rules, layouts), so a kernel that passes its
 interpreter tests can still fail to compile on the GPU. `capture()` swaps every kernel's launch for a compile-only
@@ -6,7 +8,8 @@ step: the same binder as a real launch specialises the (CPU) arguments exactly a
 same shapes, strides and alignment, then `triton.compile` builds the cubin for `sm_90` with the ptxas bundled in
 triton, and `ptxas -v` reports registers and spills. Kernels do not run (outputs stay uninitialised).
 
-Use in a process with TRITON_INTERPRET unset or 0, calling the modules' `launch`/`gather`/... functions directly:
+`tests/test_kernels.py` runs it. As a library, in a process with TRITON_INTERPRET unset or 0, calling the modules'
+`launch`/`gather`/... functions directly:
 
     with capture() as log:
         _triton_losses.launch(...)
@@ -15,10 +18,12 @@ Use in a process with TRITON_INTERPRET unset or 0, calling the modules' `launch`
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import subprocess
 import tempfile
+from pathlib import Path
 
 if __name__ == "__main__":      # compiled-mode kernels: decided when triton and the kernel modules are imported
     os.environ["TRITON_INTERPRET"] = "0"
@@ -98,11 +103,13 @@ def gpu_configs():
     """Every kernel specialisation the benchmark and the common training calls use on a GPU, launched on CPU
     tensors of the same shapes (inside `capture`, nothing runs)."""
     import torch
-    from . import _triton_common as TC, _triton_losses as TL, _triton_mae as TM, _triton_tokens as TT
-    from .bench import tuning_variants
-    from .checks import BENCH_LOSS_SHAPES
+    from ssl_nb.kernels import _triton_common as TC, _triton_losses as TL, _triton_mae as TM, _triton_tokens as TT
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", Path(__file__).resolve().parents[1] /
+                                                  "benchmarks" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+    tuning_variants, LOSS_SHAPES = bench.tuning_variants, bench.LOSS_SHAPES
     f32, bf16 = torch.float32, torch.bfloat16
-    for (R, C, dt) in BENCH_LOSS_SHAPES + [(448, 13, f32), (64, 5000, f32)]:
+    for (R, C, dt) in LOSS_SHAPES + [(448, 13, f32), (64, 5000, f32)]:
         z = [torch.empty(R, C, dtype=dt) for _ in range(3)]
         TL.launch(z[0], None, z[2], None, 0.95, 0.5, False, False, True)           # fixmatch
         TL.launch(z[0], None, z[2], None, 0.95, 0.5, False, True, True)            # refixmatch
@@ -113,7 +120,7 @@ def gpu_configs():
     for cfg in tuning_variants("fixmatch", 32768, 1000):
         TL.launch(z[0], None, z[2], None, 0.95, 0.5, False, False, True, config=cfg)    # fixmatch (2-sum)
         TL.launch(z[0], None, z[2], None, 0.95, 0.5, False, True, True, config=cfg)     # refixmatch (3-sum)
-    for (R, C, dt) in BENCH_LOSS_SHAPES[:2]:
+    for (R, C, dt) in LOSS_SHAPES[:2]:
         z = [torch.empty(R, C, dtype=dt) for _ in range(3)]
         for cfg in tuning_variants("sequencematch", R, C):
             TL.launch(z[0], z[1], z[2], None, 0.95, 0.5, True, False, True, config=cfg)

@@ -1,6 +1,6 @@
 """Host (Python) time per call of the Triton ops, measured on a machine without a GPU.
 
-    python -m ssl_nb.kernels.hostprof [--calls 3000]
+    python tools/hostprof.py [--calls 3000] [--no-direct]
 
 The small ops are host-bound on a GPU, and their host path can be measured without one: the kernel modules are
 imported in compiled mode (as on a GPU), triton's real launch path runs (binder, specialisation, cache key, launch
@@ -10,8 +10,8 @@ on each tensor; ~4 µs here, more than the C code). Tensors are CPU tensors, so 
 multiply are CPU ops. What this does not see: CUDA driver time (`cuLaunchKernelEx`, `cuPointerGetAttribute` per
 pointer argument), the CUDA caching allocator, the autograd engine's hand-off to its CUDA device thread.
 
-Also used by `tests/test_kernels.py::test_fast_launch_args` (with `record`), which checks the arguments of every
-launch against triton's own binder.
+Also imported by `tests/test_kernels.py::test_fast_launch_args` (`install_fake_driver` with `record`), which checks
+the arguments of every launch against triton's own binder.
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def install_fake_driver(record: list | None = None):
 
     driver.set_active(FakeDriver())
     JITFunction._do_compile = _do_compile
-    from . import _launch
+    from ssl_nb.kernels import _launch
     _launch._device_getter = lambda drv: (lambda: 0)        # CPU tensors stand for CUDA tensors on device 0
     _launch._on_device = lambda t, dev: True
     _FAKE["installed"] = True
@@ -117,11 +117,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
     install_fake_driver()
     if a.no_direct:
-        from . import _launch
+        from ssl_nb.kernels import _launch
         _launch.ENABLED = False
     import torch
     torch.set_num_threads(1)
-    from . import _triton_losses as TL, _triton_tokens as TT
+    from ssl_nb.kernels import _triton_losses as TL, _triton_tokens as TT
     if TL.INTERPRETED: raise SystemExit("the kernels were imported in interpreter mode: run with TRITON_INTERPRET=0")
     TT.check_ids_values = lambda *args: None       # CPU-only value checks: they do not run on CUDA ids
     R, C = 448, 10

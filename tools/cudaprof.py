@@ -1,6 +1,6 @@
 """Where the host time of a small fused loss goes, on a CUDA machine.
 
-    python -m ssl_nb.kernels.cudaprof [--out DIR]
+    python tools/cudaprof.py [--out DIR] [--compiled]
 
 At 448 x 10 the SequenceMatch loss is host-bound: the GPU work is ~0.02 ms, the call ~0.1 ms. This prints the host
 time per call (calls issued back to back without a sync; the GPU keeps up, so the loop runs at the host's pace) for

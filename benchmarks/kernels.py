@@ -1,7 +1,7 @@
 """Benchmark of every ssl_nb.kernels op: Triton vs eager PyTorch vs torch.compile, forward and forward+backward.
 
-    python -m ssl_nb.kernels.bench --out DIR          # on a CUDA GPU; ~2-3 minutes
-    python -m ssl_nb.kernels.bench --dry-run          # CPU smoke test of this script (interpreter, tiny shapes)
+    python benchmarks/kernels.py --out DIR             # on a CUDA GPU; ~2-3 minutes
+    python benchmarks/kernels.py --dry-run --out DIR   # CPU smoke test of this script (interpreter, tiny shapes)
 
 Shapes are those of the measured baselines (shared/baselines/anchors.py): SequenceMatch-style losses at 448x10,
 448x100 fp32, 1280x1000 fp32, 8192x1000 and 32768x1000 bf16; MAE token gather at B=256, N=196, D=768 bf16 keeping
@@ -17,7 +17,11 @@ Three timings per row:
                 no host overhead at all.
 `pct_copy_bw` = floor bytes / do_bench time / the device-to-device copy bandwidth measured in the same run. Floor
 bytes: fwd = read every input once; fwd+bwd = that + write every input gradient once (losses: the student views).
-Writes DIR/bench.jsonl (one line per row, as it goes), bench.csv, bench.md and env.json.
+Writes DIR/bench.jsonl (one line per row, as it goes), bench.csv, bench.md and env.json. Results of the GPU runs:
+benchmarks/results/kernels-*.md.
+
+Also imported (by file path) by tests/test_kernel_checks.py and tools/aot.py, for `logits`, `LOSS_SHAPES` and
+`tuning_variants`.
 """
 from __future__ import annotations
 
@@ -36,25 +40,24 @@ import traceback
 import torch
 
 COPY_KEY = "copy_TBps"
-# other layouts of the loss kernel timed at C >= 1000, to tune pick_config: BLOCK_R rows per tile, num_warps,
+# The loss shapes (those of shared/baselines/anchors.py); tests/test_kernel_checks.py also checks them on the GPU.
+LOSS_SHAPES = [(448, 10, torch.float32), (448, 100, torch.float32), (1280, 1000, torch.float32),
+               (8192, 1000, torch.bfloat16), (32768, 1000, torch.bfloat16)]
+# Other layouts of the loss kernel timed at C >= 1000, to tune pick_config: BLOCK_R rows per tile, num_warps,
 # ROW_TILES tiles per program, PREFETCH (the next tile's loads issued before this tile's math), FUSED_REDUCE (the row
-# statistics in two multi-operand reductions and the loss terms in one: 3 reductions per row instead of 13)
-# (each variant names every key itself: `_config` is merged over pick_config's choice for the shape)
-# The H100 sweep of 2026-11-26 (bench-h100-2026-11-26-sweep.md) found fewer warps per row faster (a row spread over
-# the program's warps costs ~38 barrier-separated cross-warp reductions per row: `_aot` shows warpsPerCTA [1, nw]
-# for every BLOCK_R) and 8 warps, or 2 rows per tile, slower; those are dropped here. One warp per row spills
-# registers under ptxas (255 registers + 140-432 bytes), so 2 warps is the floor. The H100 runs of 2026-11-26 13:04
-# and 13:13 (bench-h100-2026-11-26-1304.md, -1313-tune.md) then found FUSED_REDUCE 22% faster at 32768 x 1000
-# (forward 0.244 -> 0.190 ms of GPU time): pick_config's default since.
+# statistics in two multi-operand reductions and the loss terms in one: 3 reductions per row instead of 13). Each
+# variant names every key itself (`_config` is merged over pick_config's choice for the shape). A row spread over
+# the program's warps pays a barrier-separated cross-warp exchange per reduction (tools/aot.py shows warpsPerCTA
+# [1, nw] for every BLOCK_R), hence the 2-, 4- and 8-warp variants; one warp per row spills registers under ptxas,
+# so 2 warps is the floor.
 _V = lambda nw, rt, pf, fr: dict(BLOCK_R=1, num_warps=nw, ROW_TILES=rt, PREFETCH=pf, FUSED_REDUCE=fr)
 TUNING_VARIANTS = (_V(4, 16, True, False), _V(4, 1, False, False), _V(4, 1, False, True), _V(2, 1, False, True),
                    _V(2, 16, True, True), _V(8, 1, False, True))
 # the two-view kernel (FixMatch, ReFixMatch) with PREFETCH spills a register under ptxas: not timed
 TWO_VIEW_VARIANTS = (_V(4, 1, False, False), _V(2, 1, False, True), _V(4, 16, False, True), _V(8, 1, False, True))
 SMALL_VARIANTS = (dict(FUSED_REDUCE=False),)     # at C < 1000, merged over pick_config's choice
-# at C <= 16 (448 x 10): other rows per tile than pick_config's 16, 2 warps, and the whole batch in one
-# program walking 4 tiles (pick_config's choice at 448 x 10 before the H100 run of 2026-11-26 15:18, 0.0170 ms fwd+bwd
-# against 0.0058 over 28 programs with the one-launch sum; bench-h100-2026-11-26-1518.md)
+# at C <= 16 (448 x 10): other rows per tile than pick_config's 16, 2 warps, and the whole batch in one program
+# walking 4 tiles
 _ROWS = lambda br, nw=4: dict(BLOCK_R=br, ROW_TILES=1, num_warps=nw)
 SMALL_LAYOUTS = (_ROWS(8), _ROWS(32), _ROWS(64), _ROWS(16, 2), dict(BLOCK_R=128, ROW_TILES=4, num_warps=8))
 
@@ -63,13 +66,30 @@ def tuning_variants(kind: str, R: int, C: int) -> tuple:
     """The other layouts timed for one loss and shape (`--tune`: every loss; otherwise SequenceMatch only), and, where
     there are several programs, pick_config's layout with the partials summed the other way (LAST_PROGRAM_SUMS: by
     the last program or by a second launch)."""
-    from ._triton_losses import pick_config
+    from ssl_nb.kernels._triton_losses import pick_config
     cfg = pick_config(R, C, interpret=False, views=3 if kind == "sequencematch" else 2)
     sums = dict(LAST_PROGRAM_SUMS=not cfg["LAST_PROGRAM_SUMS"])
     several = R > cfg["BLOCK_R"] * cfg["ROW_TILES"]
     if C < 1000:
         return SMALL_VARIANTS + ((sums,) if several else ()) + (SMALL_LAYOUTS if cfg["BLOCK_C"] <= 16 else ())
     return (TUNING_VARIANTS if kind == "sequencematch" else TWO_VIEW_VARIANTS) + (sums,)
+
+
+def logits(R: int, C: int, dtype, device, seed: int) -> torch.Tensor:
+    """Seeded [R, C] logits with a spike of random height on a random class, so that confidences cover (0, 1) at any
+    C and some rows pass a 0.95 threshold. No row's confidence is within 1e-4 of 0.95, where fp32 rounding (the
+    GPU's approximate exp) could flip a mask bit: the max logit of such rows is pushed up. Made on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(R, C, generator=g) * 2
+    spike = torch.rand(R, generator=g) * 12.0
+    z[torch.arange(R), torch.randint(0, C, (R,), generator=g)] += spike
+    z = z.to(dtype)
+    for _ in range(8):
+        conf = z.double().softmax(-1).amax(-1)
+        near = (conf - 0.95).abs() < 1e-4
+        if not bool(near.any()): break
+        z[near, z[near].float().argmax(-1)] += 0.0625
+    return z.to(dtype).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
@@ -225,14 +245,12 @@ class Bench:
 
     # -- losses
     def loss_shapes(self):
-        from .checks import BENCH_LOSS_SHAPES
         if self.a.dry_run: return [(48, 10, torch.float32), (16, 1000, torch.bfloat16)]
-        return BENCH_LOSS_SHAPES
+        return LOSS_SHAPES
 
     def losses(self, compiled_only=False, kinds=("sequencematch", "fixmatch", "refixmatch")):
         import ssl_nb.kernels as K
         from ssl_nb import losses as L
-        from .checks import logits
         for kind in kinds:
             for (R, C, dt) in self.loss_shapes():
                 views = 3 if kind == "sequencematch" else 2
@@ -247,7 +265,7 @@ class Bench:
                 variants = set()
                 if (kind == "sequencematch" or self.a.tune) and not self.a.dry_run and not compiled_only:
                     # other layouts than pick_config's, to tune it on this GPU
-                    from . import _triton_losses as TL
+                    from ssl_nb.kernels import _triton_losses as TL
                     for cfg in tuning_variants(kind, R, C):
                         name = [k if v is True else f"{k}={v}" for k, v in cfg.items() if v is not False]
                         name += [f"no {k}" for k in ("FUSED_REDUCE", "LAST_PROGRAM_SUMS") if cfg.get(k) is False]
@@ -292,7 +310,7 @@ class Bench:
     # -- tokens
     def tokens(self, compiled_only=False):
         import ssl_nb.kernels as K
-        from .reference import gather_tokens_ref
+        from ssl_nb.kernels.reference import gather_tokens_ref
         B, N, D = (256, 196, 768) if not self.a.dry_run else (4, 196, 64)
         shapes = [(B, N, D, 0.25), (B, N, D, 0.5)]
         if not self.a.dry_run: shapes.append((1024, 196, 768, 0.5))    # large: bandwidth
@@ -354,7 +372,7 @@ class Bench:
     # -- MAE loss
     def mae(self, compiled_only=False):
         import ssl_nb.kernels as K
-        from .reference import masked_patch_mse_ref
+        from ssl_nb.kernels.reference import masked_patch_mse_ref
         B, H, p = (256, 224, 16) if not self.a.dry_run else (2, 64, 16)
         Lp, E = (H // p) ** 2, p * p * 3
         g = torch.Generator(device=self.dev).manual_seed(0)
@@ -385,7 +403,6 @@ class Bench:
         import ssl_nb.kernels as K
         from ssl_nb import losses as L
         from torch.profiler import ProfilerActivity, profile
-        from .checks import logits
         zs = [logits(448, 10, torch.float32, self.dev, seed=i) for i in range(3)]
         ins = [zs[0]] + [z.detach().clone().requires_grad_() for z in zs[1:]]
         impls = [("triton", K.sequencematch_loss), ("eager", L.sequencematch_loss)]
@@ -526,7 +543,7 @@ class Bench:
 @contextlib.contextmanager
 def _triton_launch_path():
     "ssl_nb.kernels' Triton ops with the direct launch path off (`_launch.ENABLED`), their plan caches cleared."
-    from . import _launch, _triton_losses as TL, _triton_tokens as TT
+    from ssl_nb.kernels import _launch, _triton_losses as TL, _triton_tokens as TT
     old = _launch.ENABLED
     _launch.ENABLED = False
     TL._PLANS.clear(); TT._CACHE.clear()

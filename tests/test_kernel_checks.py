@@ -1,30 +1,49 @@
-"""Correctness checks of every kernel against its PyTorch reference, shared by the CPU tests (Triton interpreter) and
-the GPU check (compiled Triton). Each case compares values and gradients on seeded random inputs.
+"""Correctness checks of every ssl_nb.kernels op against its PyTorch reference: values and gradients on seeded
+random inputs, Triton's interpreter on the CPU and compiled Triton on a GPU. `cases(device)` names them.
 
-    python -m ssl_nb.kernels.checks --device cpu    # needs TRITON_INTERPRET=1 (set automatically without CUDA)
-    python -m ssl_nb.kernels.checks --device cuda --out DIR
+pytest runs them as two parametrized tests:
+- `test_interpreter[case]` (every run): the CPU cases, in child processes with TRITON_INTERPRET=1 (an out-of-bounds
+  access under the interpreter kills its process: a dead child costs one case, and a new child goes on with the
+  rest). The pytest process itself never imports triton.
+- `test_cuda[case]` (marker `cuda`, see conftest.py; skipped without CUDA or with TRITON_INTERPRET=1): the same cases
+  plus the benchmark's shapes on the GPU, in this process. `tools/gpu_check.sh` runs them with `-m cuda`.
 
-One line per case goes to stdout (`START name`, then `PASS name ...` / `FAIL name ...`), flushed, so that a parent
-process can tell which case was running if the process dies (an out-of-bounds access under the interpreter can kill
-it). `tests/test_kernels.py` runs this module in a subprocess for that reason.
+The same cases from the command line, one line per case (`START name`, then `PASS name ...` / `FAIL name ...`,
+flushed, so that a parent process can tell which case was running if the process dies):
+
+    python tests/test_kernel_checks.py --device cpu           # TRITON_INTERPRET=1 is set for you
+    python tests/test_kernel_checks.py --device cuda --cases sum_over_programs
 """
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
+import subprocess
 import sys
 import time
 import traceback
 import warnings
+from pathlib import Path
 
+import pytest
 import torch
 
 from ssl_nb import losses as L
 from ssl_nb.core import ConfigError
+from ssl_nb.kernels import reference as R
+from ssl_nb.kernels._runtime import triton_module
 
-from . import reference as R
-from ._runtime import triton_module
+
+def _load_benchmark():
+    "benchmarks/kernels.py (a script, not a package): its input generator `logits` and its shapes."
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", path)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+
+BENCH = _load_benchmark()
 
 # Tolerances: Liger-Kernel's (fp32 atol 1e-8 / rtol 1e-6; bf16 rtol 5e-2), plus an absolute part relative to the
 # gradient's scale (`ascale` * max|ref|). fp32: 1e-6, for the GPU's approximate exp/log (ex2.approx / lg2.approx,
@@ -59,25 +78,16 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def logits(R_, C, dtype, device, seed, boost=12.0, layout="contiguous"):
-    """Logits with a spike of random height on a random class, so that confidences cover (0, 1) at any C and some
-    rows pass a 0.95 threshold. layout: 'contiguous', 'colstride' (every other column of a wider tensor),
-    'rowpad' (rows of a wider tensor), 'transposed' (a [C, R] tensor's transpose), 'ties' (values in {0, 2, 4}: most
-    rows have several maxima, so the pseudo-label tests the first-maximum rule; no row is confident)."""
-    g = _gen(seed)
-    z = torch.randn(R_, C, generator=g) * 2
-    spike = torch.rand(R_, generator=g) * boost
-    z[torch.arange(R_), torch.randint(0, C, (R_,), generator=g)] += spike
-    if layout == "ties": z = torch.randint(0, 3, (R_, C), generator=g) * 2.0
-    z = z.to(dtype)
-    # keep every row's confidence away from the 0.95 threshold, where fp32 rounding (the GPU's approximate exp) could
-    # flip a mask bit: push the max logit of such rows up by a few ulps' worth
-    for _ in range(8):
-        conf = z.double().softmax(-1).amax(-1)
-        near = (conf - 0.95).abs() < 1e-4
-        if not bool(near.any()): break
-        z[near, z[near].float().argmax(-1)] += 0.0625
-    z = z.to(dtype)
+def logits(R_, C, dtype, device, seed, layout="contiguous"):
+    """The benchmark's logits (a spike on a random class, no confidence near 0.95: `BENCH.logits`) in a memory
+    layout: 'contiguous', 'colstride' (every other column of a wider tensor), 'rowpad' (rows of a wider tensor),
+    'transposed' (a [C, R] tensor's transpose), 'offset' (4 bytes past a 16-byte boundary); or 'ties' (values in
+    {0, 2, 4}: most rows have several maxima, so the pseudo-label tests the first-maximum rule; no row is
+    confident)."""
+    if layout == "ties":
+        z = (torch.randint(0, 3, (R_, C), generator=_gen(seed)) * 2.0).to(dtype)
+    else:
+        z = BENCH.logits(R_, C, dtype, "cpu", seed)
     if layout == "colstride":
         big = torch.zeros(R_, 2 * C, dtype=dtype); big[:, ::2] = z; z = big.to(device)[:, ::2]
     elif layout == "rowpad":
@@ -293,7 +303,7 @@ def check_repeat(device, what):
     n_fast = _fast_calls(mod)
     msg = f"{sum(r[0] for r in res)}/{len(res)} calls match; direct launches: {n_fast}"
     if device == "cuda":
-        from ._launch import ENABLED
+        from ssl_nb.kernels._launch import ENABLED
         if ENABLED and n_fast == 0:
             ok, msg = False, msg + " (expected > 0: the direct launch path was never taken)"
     bad = [r[1] for r in res if not r[0]]
@@ -335,7 +345,7 @@ def check_sum_over_programs(device):
     adding a block of a vector, against a float64 sum; the same launch again is bitwise equal (the last program adds
     the partials in index order, whichever finished last); the ticket counters are all back to 0. On CUDA, 2^17
     programs racing for their tickets, repeated, and launches alternating between two streams."""
-    from ._runtime import _tickets
+    from ssl_nb.kernels._runtime import _tickets
     TC = triton_module("_triton_common", torch.device(device))
     n, block = (1100, 1) if device == "cpu" else (1 << 17, 4)
     pad = block // 2                  # ragged on CUDA: the last program's block is partly outside x
@@ -367,7 +377,7 @@ def check_last_program_sums(device):
     """The fused losses with LAST_PROGRAM_SUMS (the loss summed in the kernel's launch): against the reference (via
     check_loss) on several programs, and bitwise equal call after call. On CUDA: a CUDA graph captured before the
     ticket counters exist falls back to the two-launch sum (and replays right); then the counters are made."""
-    from . import _runtime
+    from ssl_nb.kernels import _runtime
     TLm = triton_module("_triton_losses", torch.device(device))
     f32, bf16 = torch.float32, torch.bfloat16
     last = dict(LAST_PROGRAM_SUMS=True)
@@ -554,7 +564,7 @@ def _run_compiled(device, step, make_inputs, grad_names, tol, ops, mode=None, ca
     grad_names. `ops`: the custom ops the compiled step must have run (its first call: warm-up, not a replay).
     Returns (ok, message)."""
     import ssl_nb.kernels as K
-    from ._compile import calls as op_calls
+    from ssl_nb.kernels._compile import calls as op_calls
     cstep = _compiled(lambda *a: step(K, *a), device, mode, backend)
     before = dict(op_calls)
     res = []
@@ -622,7 +632,7 @@ def check_compiled_tokens_mae(device, mode=None):
 def check_opcheck(device):
     """`torch.library.opcheck` of every custom op (schema, fake implementation, autograd registration, AOT dispatch
     with dynamic shapes), with inputs that need gradients and without."""
-    from . import _compile as OC
+    from ssl_nb.kernels import _compile as OC
     z = [logits(48, 13, torch.float32, device, s) for s in range(3)]
     zg = [t.detach().clone().requires_grad_() for t in z]
     ids = _ids(2, 37, 11, torch.int64, device, 0)
@@ -682,7 +692,7 @@ def cases(device: str) -> dict:
     gpu_cfg = None
     if dev == "cpu":
         def gpu_cfg(R_, C):  # the configuration pick_config chooses on a GPU
-            from ._triton_losses import pick_config
+            from ssl_nb.kernels._triton_losses import pick_config
             return pick_config(R_, C, interpret=False)
     c = {"cpu_dispatch": lambda: check_cpu_dispatch(dev), "errors": lambda: check_errors(dev)}
     for kind in ("fixmatch", "refixmatch", "sequencematch"):
@@ -793,7 +803,7 @@ def cases(device: str) -> dict:
     })
     if dev == "cuda":   # the benchmark shapes, in the GPU configuration, and the interpreter-only cases dropped
         for kind in ("fixmatch", "refixmatch", "sequencematch"):
-            for (R_, C, dt) in BENCH_LOSS_SHAPES:
+            for (R_, C, dt) in BENCH.LOSS_SHAPES:
                 c[f"bench_{kind}_{R_}x{C}_{str(dt)[6:]}"] = lambda kind=kind, R_=R_, C=C, dt=dt: check_loss(
                     kind, R_, C, dt, dev, seed=20)
         for keep in (0.25, 0.5):
@@ -823,46 +833,94 @@ def cases(device: str) -> dict:
 def _flip_reduce(dev, cfg=None):
     """`cfg` (None: pick_config's choice for the shape) with FUSED_REDUCE the other way than it would run (by default
     fused on a GPU, unfused under the interpreter; a GPU configuration checked on the CPU says it itself)."""
-    from ._triton_losses import pick_config
+    from ssl_nb.kernels._triton_losses import pick_config
     fused = (cfg or {}).get("FUSED_REDUCE", pick_config(1, 10, interpret=dev == "cpu")["FUSED_REDUCE"])
     return {**(cfg or {}), "FUSED_REDUCE": not fused}
 
 
 def _tok_gpu_cfg(D, elem):
-    from ._triton_tokens import pick_config
+    from ssl_nb.kernels._triton_tokens import pick_config
     return pick_config(D, elem, interpret=False)
 
 
 def _mae_gpu_cfg(R_, E):
-    from ._triton_mae import pick_config
+    from ssl_nb.kernels._triton_mae import pick_config
     return pick_config(R_, E, interpret=False)
 
 
-# The benchmark's loss shapes (those of shared/baselines/anchors.py), also checked on the GPU.
-BENCH_LOSS_SHAPES = [(448, 10, torch.float32), (448, 100, torch.float32), (1280, 1000, torch.float32),
-                     (8192, 1000, torch.bfloat16), (32768, 1000, torch.bfloat16)]
+# ------------------------------------------------------------------------------------------------------------ pytest
+CPU_CASES = cases("cpu")
+CUDA_CASES = cases("cuda")
+CHILD_ENV = {"TRITON_INTERPRET": "1", "SSL_NB_KERNELS": "triton", "PYTHONWARNINGS": "ignore"}
+CHILD_TIMEOUT_S = 600
 
 
+def run_in_children(names) -> dict:
+    """name -> (ok, detail) for the CPU cases `names`, run by `main` in child processes; a child that dies marks its
+    current case as crashed and a new child goes on with the rest."""
+    results, todo = {}, list(names)
+    while todo:
+        p = subprocess.run([sys.executable, __file__, "--device", "cpu", "--cases", *todo], capture_output=True,
+                           text=True, env={**os.environ, **CHILD_ENV}, timeout=CHILD_TIMEOUT_S)
+        current = None
+        for line in p.stdout.splitlines():
+            word, _, rest = line.partition(" ")
+            if word == "START": current = rest.strip()
+            elif word in ("PASS", "FAIL"):
+                name, _, detail = rest.partition(" ")
+                results[name] = (word == "PASS", detail)
+                current = None
+        if current is not None:        # died inside a case
+            results[current] = (False, f"child process died (exit {p.returncode}) in this case: {p.stderr[-2000:]}")
+        elif p.returncode not in (0, 1):
+            for n in todo:
+                results.setdefault(n, (False, f"child exited {p.returncode}: {p.stderr[-2000:]}"))
+        todo = [n for n in todo if n not in results]
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(request):
+    "The interpreter cases this session selected (-k and -m apply), all run at once in child processes."
+    names = [it.callspec.params["name"] for it in request.session.items
+             if getattr(it, "originalname", None) == "test_interpreter" and it.module.__name__ == __name__]
+    return run_in_children(names)
+
+
+@pytest.mark.parametrize("name", list(CPU_CASES))
+def test_interpreter(name, interpreter_results):
+    ok, detail = interpreter_results[name]
+    assert ok, detail
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(CUDA_CASES))
+def test_cuda(name, monkeypatch):
+    monkeypatch.setenv("SSL_NB_KERNELS", "triton")
+    ok, detail = CUDA_CASES[name]()
+    print(detail)           # tools/gpu_check.sh runs pytest with -s: the detail of every case goes to its log
+    assert ok, detail
+
+
+# ---------------------------------------------------------------------------------------------------- command line
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--cases", nargs="*", help="names to run (default: all)")
     ap.add_argument("--skip", nargs="*", default=[], help="names not to run")
     ap.add_argument("--list", action="store_true")
-    ap.add_argument("--out", help="folder for checks.jsonl")
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=RuntimeWarning)      # masked-off lanes under the interpreter
     os.environ.setdefault("SSL_NB_KERNELS", "triton")
     if a.device == "cpu":       # before anything (torch.compile included) imports triton in compiled mode
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    allc = cases(a.device)
+    allc = CPU_CASES if a.device == "cpu" else CUDA_CASES
     if a.list:
         print("\n".join(allc)); return 0
     names = [n for n in (a.cases or list(allc)) if n not in set(a.skip)]
     names.sort(key=lambda n: n != "cpu_dispatch")      # it checks that triton is not imported yet: run it first
     unknown = [n for n in names if n not in allc]
     if unknown: print(f"unknown cases: {unknown}", flush=True); return 2
-    out = open(os.path.join(a.out, "checks.jsonl"), "a") if a.out else None
     if a.device == "cuda":
         if not torch.cuda.is_available(): print("no CUDA device", flush=True); return 2
         print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
@@ -878,7 +936,6 @@ def main(argv=None):
         dt = time.time() - t
         fails += not ok
         print(f"{'PASS' if ok else 'FAIL'} {n} {dt:.2f}s {msg}", flush=True)
-        if out: out.write(json.dumps(dict(case=n, ok=ok, seconds=round(dt, 3), detail=msg)) + "\n"); out.flush()
     print(f"DONE {len(names) - fails}/{len(names)} passed in {time.time() - t_all:.1f}s", flush=True)
     return 1 if fails else 0
 
