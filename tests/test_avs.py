@@ -59,9 +59,18 @@ def random_batch(seed, n=5, h=16, w=20, empty=(1,)):
 def test_metrics_equal_avsbench_code(seed):
     logits, gt = random_batch(seed)
     assert torch.equal(mask_iou(logits, gt), avsbench_mask_iou(logits, gt))            # bit for bit
-    assert abs(f_measure(logits, gt).item() - avsbench_fmeasure(logits, gt)) < 1e-6
+    assert f_measure(logits, gt).item() == avsbench_fmeasure(logits, gt)                # the same float32 number
     f, nonempty = f_curves(logits, gt)
     assert f.shape == (5, 255) and nonempty.tolist() == [True, False, True, True, True]
+
+
+def test_f_measure_ties_at_the_thresholds():
+    th = torch.linspace(0, 1 - 1e-10, 255)
+    g = torch.Generator().manual_seed(7)
+    p = th[torch.randint(0, 255, (4, 9, 11), generator=g)]                      # probabilities exactly on thresholds
+    logits = torch.logit(p.double()).float()
+    gt = (torch.rand(4, 9, 11, generator=g) > 0.5).float()
+    assert f_measure(logits, gt).item() == avsbench_fmeasure(logits, gt)
 
 
 def test_metrics_edge_cases():
