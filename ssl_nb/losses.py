@@ -305,13 +305,15 @@ def moco_v3_loss(q: torch.Tensor, k: torch.Tensor, T: float = 0.2, offset: int =
 def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float = 0.2) -> torch.Tensor:
     """MoCo (v1/v2)'s InfoNCE: `mean_b CE([q_b·k_b, q_b·queueᵀ] / T, label 0)`. `q` and `k` [B, d] are L2-normalised
     here (raw head outputs are fine); the rows of `queue` [K, d] are used as they are (the queue stores normalised
-    keys). `k` and `queue` get no gradient. Computed in fp32."""
+    keys). `k` and `queue` get no gradient; the loss keeps its own copy of the queue, so the caller may enqueue in
+    place before calling `backward`. Computed in fp32."""
     _check_temperature(T=T)
     B, d = _check_embeddings("moco_loss", q=q, k=k)
     _check_queue("moco_loss", queue, d)
     with _fp32(q):
         q, k = F.normalize(q.float(), dim=1), F.normalize(k.detach().float(), dim=1)
-        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.detach().float().t()], 1) / T
+        Q = queue.detach().to(torch.float32, copy=True)            # a copy: the queue is updated in place after the loss
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ Q.t()], 1) / T
         return F.cross_entropy(logits, torch.zeros(B, dtype=torch.long, device=q.device))
 
 # %% ../nbs/04_losses.ipynb #6879fa8c
@@ -341,7 +343,8 @@ def seed_loss(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, T_s: float 
     B, d = _check_embeddings("seed_loss", s=s, t=t)
     _check_queue("seed_loss", queue, d)
     with _fp32(s):
-        s, t, D = F.normalize(s.float(), dim=1), F.normalize(t.detach().float(), dim=1), queue.detach().float()
+        s, t = F.normalize(s.float(), dim=1), F.normalize(t.detach().float(), dim=1)
+        D = queue.detach().to(torch.float32, copy=True)              # a copy: the queue is updated in place after the loss
         z_s = torch.cat([(s * t).sum(1, keepdim=True), s @ D.t()], 1) / T_s
         z_t = torch.cat([(t * t).sum(1, keepdim=True), t @ D.t()], 1) / T_t
         return soft_ce(z_s, z_t.softmax(1)).mean()
