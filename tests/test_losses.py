@@ -313,3 +313,14 @@ def test_seed_loss_targets_and_gradients():
     assert s.grad is not None and t.grad is None
     with pytest.raises(ConfigError, match="queue"):
         seed_loss(s, t, D.T)
+
+
+def test_queue_losses_survive_an_in_place_enqueue_before_backward():
+    "MoCo enqueues the keys after the loss and before backward; the losses keep their own copy of the queue."
+    for loss_fn in (moco_loss, seed_loss):
+        q, k, Q = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8), unit(16, 8)
+        loss = loss_fn(q, k, Q)
+        expected = torch.autograd.grad(loss_fn(q, k, Q.clone()), q)[0]
+        Q[:4] = F.normalize(k, dim=1)                                     # the in-place push
+        loss.backward()
+        torch.testing.assert_close(q.grad, expected)
