@@ -455,7 +455,7 @@ def synth_sounds(cls, rng, T: int = CLIP_SAMPLES, pitch=None, tempo=None, phase=
         out[s] = y
     return (out / (out.std(1, keepdims=True) + 1e-12)).astype(np.float32)
 
-# %% ../nbs/11_avs.ipynb #ed4dcd65
+# %% ../nbs/11_avs.ipynb #ec0d1938
 _BACKGROUNDS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
                 "colorwheel", "stereo_motorcycle", "logo", "camera", "coins", "moon", "page", "text", "clock", "cell",
                 "brick", "grass", "gravel", "china.jpg", "flower.jpg"]
@@ -512,10 +512,10 @@ def _plan_split(subset: str, split: str, n: int, seed: int, pools: list, n_backg
     rank = np.argsort(order, 1)
     sounding = present & (rank < n_sound[:, None])
     # per frame: both sounding objects, or one of them (uniform over {A}, {B}, {A, B})
-    pick = rng.integers(0, 3, (n, K))
+    heard = rng.integers(0, 3, (n, K))[..., None]                      # 0: first only, 1: second only, 2: both
     first = (rank == 0)[:, None, :]; second = (rank == 1)[:, None, :]
     both = (n_sound == 2)[:, None, None]
-    active = sounding[:, None, :] & np.where(both, (first & (pick[..., None] != 1)) | (second & (pick[..., None] != 0)), True)
+    active = sounding[:, None, :] & np.where(both, (first & (heard != 1)) | (second & (heard != 0)), True)
     # geometry (normalised coords in [-1, 1]; the 28x28 item box has half-width `scale`)
     if multi:
         scale = rng.uniform(0.30, 0.45, (n, J)); vel = rng.uniform(-0.02, 0.02, (n, J, 2))
