@@ -195,6 +195,7 @@ def run_lock(run_dir: str | Path, enabled: bool = True):
         yield None; return
     import fcntl
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     try: run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"Cannot create the run folder {run_dir} ({e.strerror}); choose another run_dir.") from e
@@ -211,7 +212,10 @@ def run_lock(run_dir: str | Path, enabled: bool = True):
         os.ftruncate(fd, 0)
         os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         yield path
-    finally: os.close(fd)                               # closing the descriptor releases the lock
+    finally:
+        os.close(fd)                                    # closing the descriptor releases the lock
+        if created and [f.name for f in run_dir.iterdir()] == [".lock"]:    # a run that wrote nothing leaves nothing
+            with contextlib.suppress(OSError): path.unlink(); run_dir.rmdir()
 
 def clean_partial_files(run_dir: str | Path) -> list[str]:
     "Delete what interrupted atomic writes left in `run_dir` (`.NAME.*.tmp`); returns their names."
@@ -230,13 +234,13 @@ def _cpu_model() -> str:
 def environment() -> dict:
     "Versions, CPU model and thread count, and GPU of this process: what a run's numbers depend on."
     import numpy
-    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+    env = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": str(numpy.__version__),
            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "host": socket.gethostname()}
     for mod in ("triton", "timm", "torchvision"):
-        with contextlib.suppress(Exception): env[mod] = importlib.import_module(mod).__version__
+        with contextlib.suppress(Exception): env[mod] = str(importlib.import_module(mod).__version__)
     if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(); env["cuda"] = torch.version.cuda
+        env["gpu"] = torch.cuda.get_device_name(); env["cuda"] = str(torch.version.cuda)
     return env
 
 # %% ../nbs/00_core.ipynb #9325803e
