@@ -11,7 +11,7 @@ import numbers
 import torch
 
 from ssl_nb.core import ConfigError
-from ssl_nb.losses import KL_MASKS, _check_logits
+from ssl_nb.losses import KL_MASKS, _check_logits, _check_scalars
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_PATCH = 8192    # the fused MAE loss holds one patch (p*p*C values) in registers: 16x16x3 = 768, 32x32x3 = 3072
@@ -125,7 +125,7 @@ def check_losses(named: dict, threshold, T, mask):
     if R == 0 or C == 0: raise ConfigError(f"logits have shape {(R, C)}; the loss needs at least one row and class.")
     threshold = _number("threshold", threshold)
     T = _number("T", T)
-    if not T > 0: raise ConfigError(f"T must be > 0; got {T}.")
+    _check_scalars(threshold=threshold if mask is None else None, T=T)
     if mask is not None:
         if not isinstance(mask, torch.Tensor): raise ConfigError(f"mask must be a tensor; got {type(mask).__name__}.")
         if tuple(mask.shape) != (R,): raise ConfigError(f"mask must have shape {(R,)}; got {tuple(mask.shape)}.")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from .core import ALGORITHMS, ConfigError, SSLNBError, is_dist
-from .train import fit, make_config, preset_overrides, PROTOCOL_PRESETS
+from .train import fit, make_config, preset_overrides, presets_of
 
 # %% auto #0
 __all__ = ['add_config_flags', 'config_from_argv', 'main']
@@ -26,8 +26,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
 
 def _parse_value(hint):
-    "A converter for a CLI string given a field's type annotation."
+    "A converter for a CLI string given a field's type annotation (tuples: comma-separated, e.g. `0.9,0.95`)."
     args = set(typing.get_args(hint)) or {hint}
+    if typing.get_origin(hint) is tuple:
+        item = _parse_value(typing.get_args(hint)[0])
+        return lambda s: tuple(item(x) for x in s.split(",") if x.strip())
     def conv(s: str):
         low = s.lower()
         if type(None) in args and low in ("none", "null", ""): return None
@@ -63,8 +66,36 @@ def config_from_argv(algorithm: str, argv: list[str]):
     return make_config(algorithm, ns.pop("preset"), **ns)
 
 # %% ../nbs/07_cli.ipynb #4f523551
-def _summaries(folder: Path) -> list[dict]:
-    return [{**json.loads(p.read_text()), "run_dir": str(p.parent)} for p in sorted(Path(folder).rglob("results.json"))]
+def _summaries(folder: Path) -> tuple[list[dict], list[str]]:
+    "The readable results.json below `folder`, and a note for each one that is not."
+    rows, bad = [], []
+    for p in sorted(Path(folder).rglob("results.json")):
+        try:
+            r = json.loads(p.read_text())
+            if not isinstance(r, dict) or "algorithm" not in r: raise ValueError("not an ssl_nb results file")
+            rows.append({**r, "run_dir": str(p.parent)})
+        except (OSError, ValueError) as e: bad.append(f"{p}: unreadable ({type(e).__name__}: {e})")
+    return rows, bad
+
+def _summary_line(r: dict) -> str:
+    metric = r.get("metric", "top1")
+    best, last = r.get(f"best_{metric}"), r.get(f"last_{metric}")
+    pct = (lambda v: f"{100 * v:.2f}%") if metric.endswith(("top1", "acc", "miou", "fscore")) else (lambda v: f"{v:.4g}")
+    labels = f"-{r['num_labels']}" if r.get("num_labels") else ""
+    part = f" (first {r['eval_limit']} test samples only)" if r.get("eval_limit") else ""
+    fmt = lambda v: "n/a" if v is None else pct(v)
+    return (f"{r['algorithm']:>14} {r['dataset']}{labels} seed {r['seed']}: best {metric} {fmt(best)} "
+            f"(step {r.get('best_step')}), last {fmt(last)}{part}  [{r['run_dir']}]")
+
+def _fit_help(p: argparse.ArgumentParser) -> str:
+    return (f"usage: ssl-nb fit ALGORITHM [--preset NAME] [--FLAG VALUE ...]\n\nTrain ALGORITHM (one of: "
+            f"{', '.join(ALGORITHMS.names())}).\nEvery field of its config is a flag; `ssl-nb fit ALGORITHM --help` "
+            f"lists them with their defaults, `ssl-nb presets ALGORITHM` the presets.\n")
+
+def _fail(msg: str, code: int = 2) -> int:
+    "One line on stderr (once under torchrun), and the exit status."
+    if os.environ.get("RANK", "0") == "0": print(f"ssl-nb: {msg}", file=sys.stderr)
+    return code
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `ssl-nb` and `python -m ssl_nb.cli`."
@@ -72,13 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="ssl-nb", description="Train and inspect ssl_nb runs.")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fit", help="train an algorithm (flags: `ssl-nb fit ALGO --help`)", add_help=False)
-    f.add_argument("algorithm")
+    f.add_argument("algorithm", nargs="?")
     pr = sub.add_parser("presets", help="list the presets of an algorithm"); pr.add_argument("algorithm")
     sub.add_parser("algorithms", help="list the algorithms")
     s = sub.add_parser("summary", help="print the results of the runs under a folder"); s.add_argument("folder")
     args, rest = p.parse_known_args(argv)
     try:
         if args.cmd == "fit":
+            if args.algorithm is None:                # `ssl-nb fit --help`, or no algorithm named
+                asked = any(a in ("-h", "--help") for a in rest)
+                print(_fit_help(p), end="", file=sys.stdout if asked else sys.stderr); return 0 if asked else 2
             try: res = fit(config_from_argv(args.algorithm, rest))
             finally:
                 if is_dist(): torch.distributed.destroy_process_group()
@@ -87,19 +121,23 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "algorithms": print("\n".join(ALGORITHMS.names()))
         elif args.cmd == "presets":
             cls = ALGORITHMS.get(args.algorithm).config_cls
-            names = sorted(set(PROTOCOL_PRESETS) | set(cls.presets))
-            for n in names: print(f"{n}: {json.dumps(preset_overrides(cls, n))}")
+            for n in sorted(presets_of(cls)): print(f"{n}: {json.dumps(preset_overrides(cls, n))}")
         elif args.cmd == "summary":
-            rows = _summaries(Path(args.folder))
-            if not rows: print(f"No results.json under {args.folder}."); return 1
-            for r in rows:
-                part = f" (first {r['eval_limit']} test images only)" if r.get("eval_limit") else ""
-                print(f"{r['algorithm']:>14} {r['dataset']}-{r['num_labels']} seed {r['seed']}: best top-1 "
-                      f"{100 * r['best_top1']:.2f}% (step {r['best_step']}), last {100 * r['last_top1']:.2f}%{part}  "
-                      f"[{r['run_dir']}]")
+            if not Path(args.folder).is_dir(): return _fail(f"error: {args.folder} is not a folder.")
+            rows, bad = _summaries(Path(args.folder))
+            for b in bad: print(f"ssl-nb: skipped {b}", file=sys.stderr)
+            if not rows: return _fail(f"error: no readable results.json under {args.folder}.")
+            for r in rows: print(_summary_line(r))
     except SSLNBError as e:          # under torchrun every process raises the same error: one of them says it
-        if os.environ.get("RANK", "0") == "0": print(f"ssl-nb: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}")
+    except KeyboardInterrupt as e:   # RunInterrupted names the step and the checkpoint
+        return _fail(str(e) or "interrupted.", 130)
+    except torch.cuda.OutOfMemoryError as e:
+        return _fail(f"error: the GPU ran out of memory ({str(e).splitlines()[0]}). Lower batch_size (or use "
+                     f"accum_steps), then resume with --resume true.")
+    except OSError as e:             # the machine, not the code: a full disk, a missing permission, …
+        return _fail(f"error: {type(e).__name__}: {e}. Free the resource (disk space, permissions), then resume "
+                     f"with --resume true.")
     return 0
 
 # %% ../nbs/07_cli.ipynb #6d249669

@@ -11,9 +11,8 @@ import torch
 import torch.nn as nn
 
 from .core import ALGORITHMS, all_gather_cat
-from .epass import ProjectorAlgorithm, ProjectorConfig
+from .classify import ProjectorAlgorithm, ProjectorConfig, pseudo_label_stats
 from .losses import comatch_loss, comatch_queue_push, comatch_smooth
-from .train import pseudo_label_stats
 
 # %% auto #0
 __all__ = ['CoMatchConfig', 'CoMatchQueue', 'CoMatch']
@@ -35,8 +34,10 @@ class CoMatchConfig(ProjectorConfig):
     smoothing_warmup_iters: int = 100   # USB's first "epoch": no memory smoothing (1024 in the presets)
 
     presets: ClassVar[dict] = {
-        **{f"{ds}-{n}": _COMATCH_CLASSIC for ds, ns in (("cifar10", (40, 250, 4000)), ("cifar100", (400, 2500, 10000)),
-                                                        ("svhn", (40, 250, 1000)), ("stl10", (40, 250, 1000))) for n in ns},
+        **{f"{ds}-{n}": {**_COMATCH_CLASSIC, "net_variant": "usb"} for ds, ns in
+           (("cifar10", (40, 250, 4000)), ("cifar100", (400, 2500, 10000)), ("svhn", (40, 250, 1000))) for n in ns},
+        # every released comatch_stl10_* config weighs the contrastive loss by 5
+        **{f"stl10-{n}": {**_COMATCH_CLASSIC, "net_variant": "usb", "contrast_loss_ratio": 5.0} for n in (40, 250, 1000)},
         # released config: use_epass False; here num_projectors stays 3 (a recorded departure)
         "imagenet-100k": {**_COMATCH_CLASSIC, "T": 0.1, "p_cutoff": 0.7, "contrast_p_cutoff": 0.2, "queue_size": 30000,
                           "proj_size": 128, "da_len": 128, "batch_size": 64, "uratio": 1, "num_projectors": 3},

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #c8191d2f
 from __future__ import annotations
-import contextlib, importlib, os, random, tempfile
+import contextlib, importlib, json, os, pkgutil, platform, random, socket, sys, tempfile, time, zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['ALGORITHMS', 'SSLNBError', 'ConfigError', 'DataError', 'CheckpointError', 'NonFiniteLossError', 'Registry',
-           'seed_everything', 'get_device', 'autocast', 'project_root', 'resolve_run_dir', 'atomic_save',
-           'atomic_write_text', 'load_checkpoint', 'DistEnv', 'init_distributed', 'is_dist', 'all_gather_cat',
-           'all_reduce_mean', 'barrier', 'unwrap']
+__all__ = ['ALGORITHMS', 'SSLNBError', 'ConfigError', 'DataError', 'CheckpointError', 'NonFiniteLossError', 'RunInterrupted',
+           'Registry', 'seed_everything', 'get_device', 'autocast', 'project_root', 'resolve_run_dir', 'atomic_save',
+           'atomic_write_text', 'verify_checkpoint', 'load_checkpoint', 'run_lock', 'clean_partial_files',
+           'environment', 'DistEnv', 'init_distributed', 'is_dist', 'all_gather_cat', 'all_reduce_mean', 'barrier',
+           'unwrap']
 
 # %% ../nbs/00_core.ipynb #c1a444f6
 class SSLNBError(Exception):
@@ -34,11 +35,14 @@ class CheckpointError(SSLNBError, RuntimeError):
 class NonFiniteLossError(SSLNBError, FloatingPointError):
     "A training loss became NaN or infinite."
 
+class RunInterrupted(KeyboardInterrupt):
+    "Ctrl-C stopped a run; the message names the checkpoint to resume from."
+
 # %% ../nbs/00_core.ipynb #8a350a45
 class Registry:
-    "A name -> object table with lazy module imports and helpful errors."
-    def __init__(self, kind: str):
-        self.kind, self._items, self._lazy = kind, {}, {}
+    "A name -> object table; with `package`, unknown names are looked for in that package's modules."
+    def __init__(self, kind: str, package: str | None = None):
+        self.kind, self.package, self._items, self._scanned = kind, package, {}, False
 
     def register(self, name: str | None = None):
         "Decorator that registers a class or function under `name` (default: its lower-case name)."
@@ -47,22 +51,33 @@ class Registry:
             return obj
         return deco
 
-    def add_lazy(self, name: str, module: str):
-        "Declare that importing `module` registers `name`."
-        self._lazy[name] = module
+    def _import(self, module: str) -> None:
+        try: importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module: raise                   # the module exists but one of its imports does not
 
-    def names(self) -> list[str]: return sorted(set(self._items) | set(self._lazy))
-    def __contains__(self, name) -> bool: return name in self._items or name in self._lazy
+    def _scan(self) -> None:
+        "Import every public module of `package` once (each registers what it defines)."
+        if self._scanned or self.package is None: return
+        self._scanned = True
+        pkg = importlib.import_module(self.package)
+        for m in pkgutil.iter_modules(pkg.__path__):
+            if not m.name.startswith("_"): self._import(f"{self.package}.{m.name}")
+
+    def names(self) -> list[str]:
+        self._scan()
+        return sorted(self._items)
+    def __contains__(self, name) -> bool:
+        if name not in self._items and self.package is not None: self._find(name)
+        return name in self._items
     def __iter__(self): return iter(self.names())
 
+    def _find(self, name: str) -> None:
+        if isinstance(name, str) and name.isidentifier(): self._import(f"{self.package}.{name}")
+        if name not in self._items: self._scan()
+
     def get(self, name: str):
-        if name not in self._items and name in self._lazy:
-            mod = self._lazy[name]
-            try: importlib.import_module(mod)
-            except ModuleNotFoundError as e:
-                if e.name != mod: raise                  # the module exists but one of its imports does not
-                raise ConfigError(f"The {self.kind} {name!r} lives in {mod}, which does not exist yet: export its "
-                                  f"notebook (nbdev_export) or pick one of {', '.join(self.names())}.") from e
+        if name not in self._items and self.package is not None: self._find(name)
         if name not in self._items:
             raise ConfigError(f"Unknown {self.kind} {name!r}. Known {self.kind}s: {', '.join(self.names())}.")
         return self._items[name]
@@ -71,11 +86,7 @@ class Registry:
     def __repr__(self): return f"Registry({self.kind!r}: {', '.join(self.names())})"
 
 # %% ../nbs/00_core.ipynb #0053b11b
-ALGORITHMS = Registry("algorithm")
-for _name, _mod in [("supervised", "train"), ("fixmatch", "fixmatch"), ("flexmatch", "flexmatch"),
-                    ("refixmatch", "refixmatch"), ("sequencematch", "sequencematch"),
-                    ("simmatch", "simmatch"), ("comatch", "comatch")]:
-    ALGORITHMS.add_lazy(_name, f"ssl_nb.{_mod}")
+ALGORITHMS = Registry("algorithm", package="ssl_nb")
 
 # %% ../nbs/00_core.ipynb #6e8a7e3e
 def seed_everything(seed: int) -> None:
@@ -117,37 +128,120 @@ def resolve_run_dir(run_dir: str | Path) -> Path:
     return (project_root() or Path.cwd()) / p
 
 # %% ../nbs/00_core.ipynb #4fc73a70
-def _atomic_write(path: str | Path, write) -> Path:
-    "`write(f)` into a temporary file next to `path`, fsync, then rename over `path`: readers see the old or the new file."
+def _atomic_write(path: str | Path, write, backup: str | Path | None = None) -> Path:
+    """`write(f)` into a temporary file next to `path`, fsync, then rename over `path`: readers see the old or the new
+    file. With `backup`, the old `path` (if any) is first renamed to `backup`."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f); f.flush(); os.fsync(f.fileno())
+        if backup is not None and path.exists(): os.replace(path, backup)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
+    with contextlib.suppress(OSError):                     # make the renames durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try: os.fsync(dfd)
+        finally: os.close(dfd)
     return path
 
-def atomic_save(obj, path: str | Path) -> Path:
-    "`torch.save` to `path` atomically (temporary file, fsync, rename)."
-    return _atomic_write(path, lambda f: torch.save(obj, f))
+def atomic_save(obj, path: str | Path, backup: str | Path | None = None) -> Path:
+    "`torch.save` to `path` atomically (temporary file, fsync, rename); the old file becomes `backup` if given."
+    return _atomic_write(path, lambda f: torch.save(obj, f), backup)
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
     "Write `text` (UTF-8) to `path` atomically, as `atomic_save`."
     return _atomic_write(path, lambda f: f.write(text.encode()))
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    "Load a checkpoint written by `atomic_save` (weights only); a missing or corrupt file raises `CheckpointError`."
+# %% ../nbs/00_core.ipynb #5b2d7f90
+def verify_checkpoint(path: str | Path) -> Path:
+    "Check every record of a `torch.save` archive against its CRC-32; a missing, truncated or corrupt file raises `CheckpointError`."
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"No checkpoint at {path}. Check the path, or start a new run without `resume`.")
-    try: return torch.load(path, map_location=map_location, weights_only=True)
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is truncated or not a torch checkpoint (no zip directory at its end).")
+    try:
+        with zipfile.ZipFile(path) as z: bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}).") from e
+    if bad is not None: raise CheckpointError(f"{path} is corrupt: record {bad!r} fails its CRC-32 checksum.")
+    return path
+
+def _starts_as_zip(path: Path) -> bool:
+    with open(path, "rb") as f: return f.read(4) == b"PK\x03\x04"
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    "Verify (`verify_checkpoint`) and load a checkpoint, weights only; a missing or corrupt file raises `CheckpointError`."
+    path = Path(path)
+    try:
+        if not path.is_file() or _starts_as_zip(path): verify_checkpoint(path)   # legacy non-zip files: torch.load decides
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} Use another checkpoint (a run keeps last.pt, prev.pt and best.pt) or start a new "
+                              f"run.") from e
     except Exception as e:
         raise CheckpointError(f"Cannot read checkpoint {path} ({type(e).__name__}: {e}). It is corrupt or not an "
-                              f"ssl_nb checkpoint: resume from another one (runs keep last.pt and best.pt) or start "
+                              f"ssl_nb checkpoint: use another one (a run keeps last.pt, prev.pt and best.pt) or start "
                               f"a new run.") from e
+
+# %% ../nbs/00_core.ipynb #9d3b2c41
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, enabled: bool = True):
+    "Hold an exclusive lock on `run_dir` (created if needed) while the block runs; `ConfigError` if another process holds it."
+    if not enabled:
+        yield None; return
+    import fcntl
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    try: run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"Cannot create the run folder {run_dir} ({e.strerror}); choose another run_dir.") from e
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"The run folder {run_dir} is not writable; choose another run_dir.")
+    path = run_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text(errors="replace").strip() or "another process"
+            raise ConfigError(f"{run_dir} is in use by another run ({holder}). Wait for it to finish or stop it, or "
+                              f"choose another run_dir.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        yield path
+    finally:
+        os.close(fd)                                    # closing the descriptor releases the lock
+        if created and [f.name for f in run_dir.iterdir()] == [".lock"]:    # a run that wrote nothing leaves nothing
+            with contextlib.suppress(OSError): path.unlink(); run_dir.rmdir()
+
+def clean_partial_files(run_dir: str | Path) -> list[str]:
+    "Delete what interrupted atomic writes left in `run_dir` (`.NAME.*.tmp`); returns their names."
+    gone = []
+    for f in Path(run_dir).glob(".*.tmp"):
+        with contextlib.suppress(OSError): f.unlink(); gone.append(f.name)
+    return sorted(gone)
+
+# %% ../nbs/00_core.ipynb #e5a91b07
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"): return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+def environment() -> dict:
+    "Versions, CPU model and thread count, and GPU of this process: what a run's numbers depend on."
+    import numpy
+    env = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": str(numpy.__version__),
+           "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "host": socket.gethostname()}
+    for mod in ("triton", "timm", "torchvision"):
+        with contextlib.suppress(Exception): env[mod] = str(importlib.import_module(mod).__version__)
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(); env["cuda"] = str(torch.version.cuda)
+    return env
 
 # %% ../nbs/00_core.ipynb #9325803e
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from .core import ConfigError, DataError, Registry, get_device
 
 # %% auto #0
 __all__ = ['NORM_STATS', 'USB_NORM_STATS', 'DEFAULT_DATA_ROOT', 'DATASETS', 'FASHION_CLASSES', 'STL10_PIXELS', 'IMG_EXTENSIONS',
-           'ImageDataset', 'read_idx', 'load_dataset', 'ImageFiles', 'split_labeled', 'InfiniteSampler', 'SSLLoader']
+           'ImageDataset', 'read_idx', 'load_dataset', 'ImageFiles', 'split_labeled', 'InfiniteSampler', 'FieldDataset',
+           'BatchLoader', 'SSLLoader']
 
 # %% ../nbs/01_data.ipynb #e821d949
 NORM_STATS = {  # name -> (mean, std) per channel, 0-1 scale
@@ -59,6 +60,12 @@ class ImageDataset:
     @property
     def is_lazy(self) -> bool: return not isinstance(self.images, torch.Tensor)
     @property
+    def fields(self) -> dict:
+        "`{'x': images, 'y': targets}` of an in-memory dataset (what `BatchLoader` streams)."
+        if self.is_lazy: raise AttributeError(f"{self.name} is file-backed: it is streamed item by item")
+        return {"x": self.images, "y": self.targets}
+    def __getitem__(self, i: int) -> dict: return {"x": self.images[i], "y": self.targets[i]}
+    @property
     def num_classes(self) -> int: return len(self.classes)
     @property
     def in_chans(self) -> int: return int(self.images.shape[1])
@@ -86,7 +93,7 @@ class ImageDataset:
     def to(self, device) -> ImageDataset:
         "The in-memory dataset with images and targets on `device`."
         if self.is_lazy: raise ConfigError(f"{self.name} is file-backed (lazy) and cannot be moved to {device}; "
-                                           "SSLLoader decodes it in DataLoader workers and moves each batch.")
+                                           "BatchLoader decodes it in DataLoader workers and moves each batch.")
         return dataclasses.replace(self, images=self.images.to(device), targets=self.targets.to(device))
 
     def class_counts(self) -> torch.Tensor:
@@ -167,10 +174,11 @@ def read_idx(path, magic: int | None = None) -> np.ndarray:
 # %% ../nbs/01_data.ipynb #5914ae14
 DATASETS = Registry("dataset")
 
-def _dataset(name: str, splits=("train", "test")):
-    "Register a loader `fn(split, root, **options) -> ImageDataset` under `name`."
+def _dataset(name: str, splits=("train", "test"), default_root: bool = True):
+    """Register a loader `fn(split, root, **options) -> ImageDataset` under `name`; `root` is the default cache when
+    the caller gives no data_root, or None if `default_root=False` (the loader has fallbacks of its own)."""
     def deco(fn):
-        fn.splits = splits
+        fn.splits, fn.default_root = splits, default_root
         return DATASETS.register(name)(fn)
     return deco
 
@@ -203,15 +211,16 @@ def _download_fashion(root: Path) -> str | None:
     except Exception as e: return f"{type(e).__name__}: {e}"
     finally: socket.setdefaulttimeout(old)
 
-@_dataset("fashion_mnist")
-def _fashion_mnist(split: str, root: Path, download: bool = True) -> ImageDataset:
+@_dataset("fashion_mnist", default_root=False)
+def _fashion_mnist(split: str, root: Path | None, download: bool = True) -> ImageDataset:
     stem = "train" if split == "train" else "t10k"
     needed = [(f"{stem}-images-idx3-ubyte", f"{stem}-images-idx3-ubyte.gz"), (f"{stem}-labels-idx1-ubyte", f"{stem}-labels-idx1-ubyte.gz")]
     how = ("`apt-get install dataset-fashion-mnist`, or put the four IDX files (train-images-idx3-ubyte.gz, "
            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from "
            "https://github.com/zalandoresearch/fashion-mnist in data_root, or load with download=True where there is internet.")
-    looked = []
-    d = _find([root, root / "fashion-mnist", root / "FashionMNIST" / "raw", *_debian_fashion_dirs()], needed, looked)
+    looked, fallbacks = [], () if root is not None else _debian_fashion_dirs()
+    root = root if root is not None else Path(DEFAULT_DATA_ROOT).expanduser()
+    d = _find([root, root / "fashion-mnist", root / "FashionMNIST" / "raw", *fallbacks], needed, looked)
     if d is None and download:
         err = _download_fashion(root)
         d = _find([root / "FashionMNIST" / "raw"], needed, looked)
@@ -231,11 +240,27 @@ def load_dataset(name: str, split: str = "train", data_root=None, **kw) -> Image
     except TypeError as e:
         opts = [p for p in inspect.signature(fn).parameters if p not in ("split", "root")]
         raise ConfigError(f"Dataset {name!r} got unknown options {sorted(kw)}; its options: {opts or 'none'}.") from e
-    return fn(split, Path(data_root if data_root is not None else DEFAULT_DATA_ROOT).expanduser(), **kw)
+    if data_root is not None:
+        root = Path(data_root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data_root {str(data_root)!r} does not exist or is not a folder. Give the folder that holds "
+                            f"{name!r}, or leave data_root unset to use the default locations.")
+    else: root = Path(DEFAULT_DATA_ROOT).expanduser() if fn.default_root else None
+    return fn(split, root, **kw)
 
 # %% ../nbs/01_data.ipynb #77ee11ae
+class _ArrayUnpickler(pickle.Unpickler):
+    "Unpickles only what CIFAR's batch files hold (dicts, lists, str/bytes, numbers, numpy arrays): no code runs."
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED: return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR batch file never holds (refused: "
+                                     f"unpickling it could run code)")
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f: d = pickle.load(f, encoding="latin1")
+    with open(path, "rb") as f: d = _ArrayUnpickler(f, encoding="latin1").load()
     if not isinstance(d, dict): raise ValueError(f"{path.name} holds a {type(d).__name__}, not a dict")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
@@ -452,11 +477,31 @@ class InfiniteSampler:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
 
 # %% ../nbs/01_data.ipynb #90bb6e62
+@dataclass(repr=False)
+class FieldDataset:
+    "An in-memory dataset of named per-sample tensors (all with the same first dimension), streamable by `BatchLoader`."
+    fields: dict
+    name: str = ""
+
+    def __post_init__(self):
+        if not self.fields: raise DataError(f"{self.name or 'FieldDataset'}: no fields.")
+        n = {k: len(v) for k, v in self.fields.items()}
+        if len(set(n.values())) != 1: raise DataError(f"{self.name or 'FieldDataset'}: fields of different lengths {n}.")
+    def __len__(self) -> int: return len(next(iter(self.fields.values())))
+    def subset(self, idx) -> FieldDataset:
+        idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+        return FieldDataset({k: v[idx.to(v.device)] for k, v in self.fields.items()}, self.name)
+    def __repr__(self):
+        return f"FieldDataset({self.name!r}: {len(self)} samples, " + ", ".join(
+            f"{k} {tuple(v.shape[1:])} {str(v.dtype).replace('torch.', '')}" for k, v in self.fields.items()) + ")"
+
+def _is_lazy(ds) -> bool: return getattr(ds, "is_lazy", False) or not hasattr(ds, "fields")
+
 class _Items(Dataset):
-    "(image, target, position) items of an ImageDataset, for a DataLoader."
-    def __init__(self, ds: ImageDataset): self.ds = ds
+    "The items of a lazy dataset with their position (`idx`), for a DataLoader."
+    def __init__(self, ds): self.ds = ds
     def __len__(self) -> int: return len(self.ds)
-    def __getitem__(self, i: int): return self.ds.images[i], self.ds.targets[i], i
+    def __getitem__(self, i: int): return {**self.ds[i], "idx": i}
 
 class _Batches:
     "An InfiniteSampler as a DataLoader batch sampler (lists of ints)."
@@ -465,26 +510,26 @@ class _Batches:
         while True: yield next(self.sampler).tolist()
 
 class _Stream:
-    "One side (labeled or unlabeled) of an SSLLoader: batches of (x, y, idx) on `device`, and the caller's sampler state."
-    def __init__(self, ds: ImageDataset, batch_size: int, seed: int, stream: int, device: torch.device,
+    "One named stream of a BatchLoader: dicts of batched fields (and `idx`) on `device`, and the caller's sampler state."
+    def __init__(self, ds, batch_size: int, seed: int, stream: int, device: torch.device,
                  rank: int, world_size: int, num_workers: int):
-        self.ds, self.device, self.num_workers, self._it = ds, device, num_workers, None
+        self.ds, self.device, self.num_workers, self._it, self.lazy = ds, device, num_workers, None, _is_lazy(ds)
         self.sampler = InfiniteSampler(len(ds), batch_size, seed, rank, world_size, stream)
         self.state = self.sampler.state_dict()
-        if not ds.is_lazy: self.images, self.targets = ds.images.to(device), ds.targets.to(device)
+        if not self.lazy: self.fields = {k: v.to(device) for k, v in ds.fields.items()}
 
-    def __next__(self):
-        if self.ds.is_lazy:
+    def __next__(self) -> dict:
+        if self.lazy:
             if self._it is None:                           # (re)start the workers at the caller's position
                 self.sampler.load_state_dict(self.state)
                 self._it = iter(DataLoader(_Items(self.ds), batch_sampler=_Batches(self.sampler), num_workers=self.num_workers,
                                            pin_memory=self.device.type == "cuda"))
-            x, y, idx = (t.to(self.device, non_blocking=True) for t in next(self._it))
+            out = {k: t.to(self.device, non_blocking=True) for k, t in next(self._it).items()}
         else:
             idx = next(self.sampler).to(self.device, non_blocking=True)
-            x, y = self.images.index_select(0, idx), self.targets.index_select(0, idx)
+            out = {k: v.index_select(0, idx) for k, v in self.fields.items()} | {"idx": idx}
         self.state = _advance(self.state, self.sampler.n, self.sampler.global_batch)
-        return x, y, idx
+        return out
 
     def close(self): self._it = None                       # drops the workers and what they prefetched
 
@@ -493,8 +538,41 @@ class _Stream:
         self.sampler.load_state_dict(state)
         self.state = self.sampler.state_dict()
 
-class SSLLoader:
-    "Endless dicts of labeled (`x_lb`, `y_lb`, `idx_lb`) and unlabeled (`x_ulb`, `y_ulb`, `idx_ulb`) uint8 batches on `device`."
+class BatchLoader:
+    "Endless dicts of `<field>_<stream>` batches (and `idx_<stream>`) on `device`, one batch per named stream."
+    def __init__(self, streams: dict, seed: int = 0, device="cpu", rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0):
+        "`streams`: name -> (dataset, batch size per process)."
+        if not streams: raise ConfigError("BatchLoader needs at least one stream: {name: (dataset, batch_size)}.")
+        for name, (ds, bs) in streams.items():
+            if int(bs) != bs or bs < 1: raise ConfigError(f"Stream {name!r}: batch size must be an int >= 1, got {bs!r}.")
+            if len(ds) == 0: raise ConfigError(f"Stream {name!r}: its dataset {getattr(ds, 'name', '')!r} is empty.")
+        self.device = get_device(device)
+        self._streams = {name: _Stream(ds, int(bs), seed, i, self.device, rank, world_size, num_workers)
+                         for i, (name, (ds, bs)) in enumerate(streams.items())}
+
+    def __iter__(self): return self
+    def __next__(self) -> dict:
+        return {f"{k}_{name}": v for name, s in self._streams.items() for k, v in next(s).items()}
+
+    def state_dict(self) -> dict:
+        "The samplers' states for the next batch the caller receives (plain ints)."
+        return {name: dict(s.state) for name, s in self._streams.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self._streams):
+            raise ConfigError(f"Loader state has streams {sorted(state)}, this loader {sorted(self._streams)}: "
+                              "was it saved by another task or with a different unlabeled set?")
+        for name, s in self._streams.items(): s.load_state_dict(state[name])
+
+    def close(self) -> None:
+        "Stop the DataLoader workers of lazy datasets (iterating again restarts them where the caller left off)."
+        for s in self._streams.values(): s.close()
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
+class SSLLoader(BatchLoader):
+    "Labeled (`x_lb`, `y_lb`, `idx_lb`) and unlabeled (`x_ulb`, `y_ulb`, `idx_ulb`) uint8 batches on `device`."
     def __init__(self, lb: ImageDataset, ulb: ImageDataset | None, batch_size: int, uratio: int = 7, seed: int = 0,
                  device="cpu", rank: int = 0, world_size: int = 1, num_workers: int = 0):
         if batch_size < 1 or (ulb is not None and (int(uratio) != uratio or uratio < 1)):
@@ -506,34 +584,5 @@ class SSLLoader:
             raise ConfigError(f"Labeled images are {lb.in_chans}×{lb.image_size}, unlabeled {ulb.in_chans}×{ulb.image_size}; "
                               "they must match to go through the same model.")
         self.lb, self.ulb, self.batch_size, self.uratio = lb, ulb, batch_size, int(uratio)
-        self.device = get_device(device)
-        args = (self.device, rank, world_size, num_workers)
-        self._lb = _Stream(lb, batch_size, seed, 0, *args)
-        self._ulb = None if ulb is None else _Stream(ulb, batch_size * self.uratio, seed, 1, *args)
-
-    def __iter__(self): return self
-    def __next__(self) -> dict:
-        x, y, idx = next(self._lb)
-        out = {"x_lb": x, "y_lb": y, "idx_lb": idx}
-        if self._ulb is not None:
-            x, y, idx = next(self._ulb)
-            out.update(x_ulb=x, y_ulb=y, idx_ulb=idx)
-        return out
-
-    def state_dict(self) -> dict:
-        "The samplers' states for the next batch the caller receives (plain ints)."
-        return {"lb": dict(self._lb.state), **({"ulb": dict(self._ulb.state)} if self._ulb is not None else {})}
-
-    def load_state_dict(self, state: dict) -> None:
-        if set(state) != set(self.state_dict()):
-            raise ConfigError(f"Loader state has keys {sorted(state)}, this loader {sorted(self.state_dict())}: "
-                              "was it saved with a different unlabeled set?")
-        self._lb.load_state_dict(state["lb"])
-        if self._ulb is not None: self._ulb.load_state_dict(state["ulb"])
-
-    def close(self) -> None:
-        "Stop the DataLoader workers of lazy datasets (iterating again restarts them where the caller left off)."
-        for s in (self._lb, self._ulb):
-            if s is not None: s.close()
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.close()
+        streams = {"lb": (lb, batch_size), **({"ulb": (ulb, batch_size * self.uratio)} if ulb is not None else {})}
+        super().__init__(streams, seed, device, rank, world_size, num_workers)

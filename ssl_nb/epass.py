@@ -10,42 +10,10 @@ import re
 import numpy as np
 import pandas as pd
 
-import torch.nn as nn
-
 from .core import ALGORITHMS, ConfigError
-from .losses import DistAlignQueue
-from .models import EnsembleProjector, ModelWithProjector
-from .train import Algorithm, SSLConfig
 
 # %% auto #0
-__all__ = ['ProjectorConfig', 'ProjectorAlgorithm', 'algorithm_spec', 'per_class_spread', 'run_metrics', 'metrics_table']
-
-# %% ../nbs/epass.ipynb #b7c3d9e1
-@dataclasses.dataclass
-class ProjectorConfig(SSLConfig):
-    "Settings shared by the algorithms with a projector head and distribution alignment (SimMatch, CoMatch)."
-    proj_size: int = 128                # embedding size
-    num_projectors: int = 3             # 1: the method itself; 3: the method + EPASS (the released configs)
-    smoothing_alpha: float = 0.9        # alpha of SimMatch's label propagation / CoMatch's memory smoothing
-    da_len: int = 32                    # batch means kept for distribution alignment
-
-    def check(self):
-        errs = super().check()
-        for k in ("proj_size", "num_projectors", "da_len"):
-            if getattr(self, k) < 1: errs.append(f"{k} must be >= 1 (got {getattr(self, k)})")
-        if not 0 <= self.smoothing_alpha <= 1: errs.append(f"smoothing_alpha must be in [0, 1] (got {self.smoothing_alpha})")
-        return errs
-
-class ProjectorAlgorithm(Algorithm):
-    "An algorithm whose model carries EPASS's ensemble projector and whose weak-view predictions are aligned."
-    def __init__(self, cfg, num_classes, *args, **kw):
-        super().__init__(cfg, num_classes, *args, **kw)
-        self.dist_align = DistAlignQueue(num_classes, cfg.da_len)
-
-    def build_model(self) -> nn.Module:
-        backbone = super().build_model()
-        return ModelWithProjector(backbone, EnsembleProjector(backbone.num_features, self.cfg.proj_size,
-                                                              self.cfg.num_projectors))
+__all__ = ['algorithm_spec', 'per_class_spread', 'run_metrics', 'metrics_table']
 
 # %% ../nbs/epass.ipynb #dff9a093
 def algorithm_spec(spec: str) -> tuple[str, dict]:

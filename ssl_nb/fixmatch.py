@@ -5,10 +5,11 @@
 # %% ../nbs/fixmatch.ipynb #81cee09c
 from __future__ import annotations
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .core import ALGORITHMS
 from .losses import FlexMatchThreshold
-from .train import Algorithm, SSLConfig, pseudo_label_stats
+from .classify import WRN_PRESETS, Algorithm, SSLConfig, pseudo_label_stats
 from . import kernels
 
 # %% auto #0
@@ -21,6 +22,8 @@ class FixMatchConfig(SSLConfig):
     algorithm: str = "fixmatch"
     use_flex: bool = False                # FlexMatch's class-wise curriculum threshold instead of a fixed tau
     thresh_warmup: bool = True            # FlexMatch: count unused samples in the normaliser
+
+    presets: ClassVar[dict] = {k: {"net_variant": "usb"} for k in WRN_PRESETS}   # USB's wrn.py, as USB runs them
 
 @ALGORITHMS.register("fixmatch")
 class FixMatch(Algorithm):

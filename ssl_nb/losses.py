@@ -4,6 +4,7 @@
 
 # %% ../nbs/04_losses.ipynb #8065e89c
 from __future__ import annotations
+import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,14 +19,29 @@ __all__ = ['KL_MASKS', 'DISTILL_REDUCTIONS', 'pseudo_label', 'kl_from_logits', '
 
 # %% ../nbs/04_losses.ipynb #c586bb6d
 def _check_logits(**named):
-    "Clear errors for the shapes the losses accept: 2-d logits [rows, classes], all the same shape."
+    "Clear errors for the logits the losses accept: 2-d [rows >= 1, classes >= 1], floating point, one shape, one device."
+    for k, v in named.items():
+        if not isinstance(v, torch.Tensor): raise ConfigError(f"{k} must be a torch.Tensor; got {type(v).__name__}.")
     shapes = {k: tuple(v.shape) for k, v in named.items()}
     ref = next(iter(shapes.values()))
     for k, v in named.items():
         if v.ndim != 2: raise ConfigError(f"{k} must be 2-d [rows, classes]; got shape {tuple(v.shape)}.")
         if not v.is_floating_point(): raise ConfigError(f"{k} must be floating point logits; got {v.dtype}.")
     if len(set(shapes.values())) > 1: raise ConfigError(f"logits must have the same shape; got {shapes}.")
+    devs = {k: v.device for k, v in named.items()}
+    if len(set(devs.values())) > 1:
+        raise ConfigError(f"all logits must be on one device; got {', '.join(f'{k} on {d}' for k, d in devs.items())}.")
+    if ref[0] == 0 or ref[1] == 0:
+        raise ConfigError(f"logits have shape {ref}: the loss needs at least one row and one class (an empty batch?).")
     return ref
+
+def _check_scalars(threshold=None, T=None):
+    "A confidence threshold must be a finite number in [0, 1], a temperature a finite number > 0."
+    for name, v, ok, want in (("threshold", threshold, lambda x: 0 <= x <= 1, "in [0, 1]"),
+                              ("T", T, lambda x: 0 < x < math.inf, "finite and > 0")):
+        if v is None: continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(float(v)):
+            raise ConfigError(f"{name} must be a number {want}; got {v!r}.")
 
 @torch.no_grad()
 def pseudo_label(logits_w: torch.Tensor):
@@ -52,6 +68,7 @@ def fixmatch_loss(logits_w: torch.Tensor, logits_s: torch.Tensor, threshold: flo
                   mask: torch.Tensor | None = None):
     "FixMatch's unlabeled loss and its mask (arXiv 2001.07685; USB `fixmatch.py`)."
     _check_logits(logits_w=logits_w, logits_s=logits_s)
+    if mask is None: _check_scalars(threshold=threshold)
     _, conf, label = pseudo_label(logits_w)
     mask = _mask_or_threshold(mask, conf, threshold)
     ce = F.cross_entropy(logits_s.float(), label, reduction="none")
@@ -66,7 +83,7 @@ def low_confidence_kl(logits_w: torch.Tensor, logits_s: torch.Tensor, mask: torc
 def refixmatch_loss(logits_w: torch.Tensor, logits_s: torch.Tensor, threshold: float = 0.95, T: float = 0.5,
                     mask: torch.Tensor | None = None):
     "ReFixMatch's unlabeled loss (FixMatch on confident rows + sharpened KL on the rest) and its mask."
-    if T <= 0: raise ConfigError(f"T must be > 0; got {T}.")
+    _check_scalars(T=T)
     loss_hi, mask = fixmatch_loss(logits_w, logits_s, threshold, mask)
     return loss_hi + low_confidence_kl(logits_w, logits_s, mask, T), mask
 
@@ -87,7 +104,7 @@ def sequencematch_loss(logits_w: torch.Tensor, logits_m: torch.Tensor, logits_s:
                        low_conf_kl: bool = False, kl_mask: str = "high"):
     "SequenceMatch's unlabeled loss (authors' code) and the mask of its CE term."
     _check_logits(logits_w=logits_w, logits_m=logits_m, logits_s=logits_s)
-    if T <= 0: raise ConfigError(f"T must be > 0; got {T}.")
+    _check_scalars(threshold=threshold, T=T)
     if kl_mask not in KL_MASKS: raise ConfigError(f"kl_mask must be one of {KL_MASKS}; got {kl_mask!r}.")
     loss, mask = fixmatch_loss(logits_w, logits_s, threshold, mask)
     if low_conf_kl: loss = loss + low_confidence_kl(logits_w, logits_s, mask, T)
@@ -110,6 +127,10 @@ class FlexMatchThreshold(nn.Module):
         if probs.ndim != 2 or probs.shape[1] != self.num_classes or idx.shape != probs.shape[:1]:
             raise ConfigError(f"FlexMatchThreshold expects probs [B, {self.num_classes}] and idx [B]; "
                               f"got {tuple(probs.shape)} and {tuple(idx.shape)}.")
+        if idx.device.type == "cpu" and idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < self.num_unlabeled:
+            # (checked where it is free: on a GPU reading the values back would stall the step)
+            raise ConfigError(f"FlexMatchThreshold: idx holds positions in [{int(idx.min())}, {int(idx.max())}], but it "
+                              f"keeps {self.num_unlabeled} unlabeled samples: pass positions in the unlabeled set.")
         conf, label = probs.float().max(-1)
         beta = self.classwise_acc[label]
         mask = (conf >= self.threshold * beta / (2 - beta)).float()
@@ -172,7 +193,7 @@ def simmatch_loss(logits_s: torch.Tensor, feat_w: torch.Tensor, feat_s: torch.Te
                   bank: torch.Tensor, labels_bank: torch.Tensor, *, T: float = 0.1, alpha: float = 0.9,
                   p_cutoff: float = 0.95, first_epoch: bool = False):
     "SimMatch's unlabeled loss `L_u` and instance loss `L_in` (unweighted), and `aux` (mask, p_hat, t_in, agg, s_t)."
-    if T <= 0: raise ConfigError(f"T must be > 0; got {T}.")
+    _check_scalars(threshold=p_cutoff, T=T)
     n, C = probs_w_aligned.shape
     if bank.ndim != 2 or labels_bank.shape != bank.shape[1:] or feat_w.shape != (n, bank.shape[0]) or feat_s.shape != feat_w.shape:
         raise ConfigError(f"simmatch_loss expects feat_w/feat_s [{n}, d], bank [d, K], labels_bank [K]; got "
@@ -236,7 +257,7 @@ def comatch_graph(probs: torch.Tensor, cutoff: float = 0.8) -> torch.Tensor:
 def comatch_loss(logits_s0: torch.Tensor, feat_s0: torch.Tensor, feat_s1: torch.Tensor, probs_smoothed: torch.Tensor,
                  *, T: float = 0.2, contrast_p_cutoff: float = 0.8, p_cutoff: float = 0.95):
     "CoMatch's unlabeled loss `L_u` and graph-contrastive loss `L_c` (unweighted), and `aux` (mask, graph)."
-    if T <= 0: raise ConfigError(f"T must be > 0; got {T}.")
+    _check_scalars(threshold=p_cutoff, T=T)
     _check_logits(logits_s0=logits_s0, probs_smoothed=probs_smoothed)
     if feat_s0.shape != feat_s1.shape or feat_s0.shape[0] != logits_s0.shape[0]:
         raise ConfigError(f"feat_s0 and feat_s1 must both be [{logits_s0.shape[0]}, d]; got {tuple(feat_s0.shape)}, {tuple(feat_s1.shape)}.")

@@ -4,6 +4,7 @@
 
 # %% ../nbs/03_models.ipynb #beb75cb2
 from __future__ import annotations
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 from .core import CheckpointError, ConfigError, Registry, load_checkpoint
 
 # %% auto #0
-__all__ = ['MODELS', 'ClassifierModel', 'BasicBlock', 'BlockGroup', 'WideResNet', 'wrn_28_2', 'wrn_28_8', 'wrn_37_2', 'wrn_10_2',
-           'TimmModel', 'timm_model', 'resnet50', 'vit_tiny_patch2_32', 'vit_small_patch2_32', 'vit_small_patch16_224',
-           'vit_base_patch16_224', 'LoadResult', 'load_weights', 'create', 'no_weight_decay_names', 'param_groups',
-           'EnsembleProjector', 'ModelWithProjector']
+__all__ = ['MODELS', 'WRN_VARIANTS', 'ClassifierModel', 'BasicBlock', 'BlockGroup', 'WideResNet', 'wrn_28_2', 'wrn_28_8',
+           'wrn_37_2', 'wrn_10_2', 'TimmModel', 'timm_model', 'resnet50', 'vit_tiny_patch2_32', 'vit_small_patch2_32',
+           'vit_small_patch16_224', 'vit_base_patch16_224', 'LoadResult', 'load_weights', 'create',
+           'no_weight_decay_names', 'layer_id', 'param_groups', 'set_bn_momentum', 'EnsembleProjector',
+           'ModelWithProjector']
 
 # %% ../nbs/03_models.ipynb #321637ea
 class ClassifierModel(nn.Module):
@@ -75,23 +77,24 @@ class WideResNet(ClassifierModel):
     def __init__(self, depth: int = 28, widen_factor: int = 2, num_classes: int = 10, in_chans: int = 3,
                  first_stride: int = 1, num_groups: int = 3, bn_momentum: float = 0.001, bn_eps: float = 0.001,
                  leaky_slope: float = 0.1, drop_rate: float = 0.0, conv_bias: bool = True,
-                 activate_before_residual: str = "first_group"):
+                 activate_before_residual: str = "first_group", stem_bias: bool | None = None,
+                 final_bn_eps: float | None = None):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ConfigError(f"WideResNet depth={depth}: depth - 4 must be a positive multiple of 6 (10, 16, 22, 28, …).")
         if activate_before_residual not in ("first_group", "all"):
-            raise ConfigError(f"activate_before_residual={activate_before_residual!r}: use 'first_group' (TorchSSL) "
-                              f"or 'all' (USB's current wrn.py, EPASS fork).")
+            raise ConfigError(f"activate_before_residual={activate_before_residual!r}: use 'first_group' (TorchSSL, "
+                              f"USB HEAD) or 'all' (USB's wrn.py at 167842a, the EPASS fork's wrn_aux.py).")
         n = (depth - 4) // 6
         widths = [16] + [16 * 2**g * widen_factor for g in range(num_groups)]
         block_kw = dict(drop_rate=drop_rate, bn_momentum=bn_momentum, bn_eps=bn_eps, leaky_slope=leaky_slope,
                         conv_bias=conv_bias)
-        self.conv1 = nn.Conv2d(in_chans, 16, 3, stride=1, padding=1, bias=conv_bias)
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, stride=1, padding=1, bias=conv_bias if stem_bias is None else stem_bias)
         for g in range(num_groups):
             abr = g == 0 or activate_before_residual == "all"
             self.add_module(f"block{g + 1}", BlockGroup(n, widths[g], widths[g + 1], first_stride if g == 0 else 2,
                                                         activate_before_residual=abr, **block_kw))
-        self.bn1 = nn.BatchNorm2d(widths[-1], eps=bn_eps, momentum=bn_momentum)
+        self.bn1 = nn.BatchNorm2d(widths[-1], eps=bn_eps if final_bn_eps is None else final_bn_eps, momentum=bn_momentum)
         self.act = nn.LeakyReLU(leaky_slope)
         self.num_features = widths[-1]
         self.classifier = nn.Linear(widths[-1], num_classes)
@@ -110,25 +113,35 @@ class WideResNet(ClassifierModel):
 # %% ../nbs/03_models.ipynb #c6d48e59
 MODELS = Registry("model")
 
+WRN_VARIANTS = {
+    "torchssl": dict(conv_bias=True, bn_eps=1e-3),                            # TorchSSL (SequenceMatch/ReFixMatch fork)
+    "usb": dict(conv_bias=False, stem_bias=True, bn_eps=1e-5, final_bn_eps=1e-3),   # USB / EPASS HEAD
+}
+
+def _wrn(depth: int, widen: int, num_classes: int, in_chans: int, variant: str, **kw) -> WideResNet:
+    if variant not in WRN_VARIANTS:
+        raise ConfigError(f"WRN variant={variant!r}: use one of {tuple(WRN_VARIANTS)} (the codebase whose wrn.py to build).")
+    return WideResNet(depth, widen, num_classes, in_chans, **{**WRN_VARIANTS[variant], **kw})
+
 @MODELS.register("wrn_28_2")
-def wrn_28_2(num_classes: int, in_chans: int = 3, **kw) -> WideResNet:
+def wrn_28_2(num_classes: int, in_chans: int = 3, variant: str = "torchssl", **kw) -> WideResNet:
     "WRN-28-2 (CIFAR-10, SVHN; CIFAR-100 in USB's classic_cv)."
-    return WideResNet(28, 2, num_classes, in_chans, first_stride=1, **kw)
+    return _wrn(28, 2, num_classes, in_chans, variant, first_stride=1, **kw)
 
 @MODELS.register("wrn_28_8")
-def wrn_28_8(num_classes: int, in_chans: int = 3, **kw) -> WideResNet:
+def wrn_28_8(num_classes: int, in_chans: int = 3, variant: str = "torchssl", **kw) -> WideResNet:
     "WRN-28-8 (CIFAR-100 in TorchSSL and the EPASS fork)."
-    return WideResNet(28, 8, num_classes, in_chans, first_stride=1, **kw)
+    return _wrn(28, 8, num_classes, in_chans, variant, first_stride=1, **kw)
 
 @MODELS.register("wrn_37_2")
-def wrn_37_2(num_classes: int, in_chans: int = 3, **kw) -> WideResNet:
+def wrn_37_2(num_classes: int, in_chans: int = 3, variant: str = "torchssl", **kw) -> WideResNet:
     "TorchSSL/USB `wrn_var_37_2` (STL-10): 4 groups of 4 blocks, widths 32/64/128/256, first stride 2."
-    return WideResNet(28, 2, num_classes, in_chans, first_stride=2, num_groups=4, **kw)
+    return _wrn(28, 2, num_classes, in_chans, variant, first_stride=2, num_groups=4, **kw)
 
 @MODELS.register("wrn_10_2")
-def wrn_10_2(num_classes: int, in_chans: int = 3, **kw) -> WideResNet:
+def wrn_10_2(num_classes: int, in_chans: int = 3, variant: str = "torchssl", **kw) -> WideResNet:
     "A one-block-a-group WRN for CPU runs (28×28 grayscale: `in_chans=1`)."
-    return WideResNet(10, 2, num_classes, in_chans, first_stride=1, **kw)
+    return _wrn(10, 2, num_classes, in_chans, variant, first_stride=1, **kw)
 
 # %% ../nbs/03_models.ipynb #fa04f1f5
 class TimmModel(ClassifierModel):
@@ -142,6 +155,7 @@ class TimmModel(ClassifierModel):
 
 def timm_model(timm_name: str, num_classes: int, in_chans: int = 3, **kw) -> TimmModel:
     "Wrap `timm.create_model(timm_name, pretrained=False, num_classes=0, in_chans=in_chans, **kw)`."
+    if "vit_" in timm_name: kw = {"dynamic_img_size": True, "dynamic_img_pad": True, **kw}
     import timm                                    # imported here: it costs seconds, and only these models need it
     trunk = timm.create_model(timm_name, pretrained=False, num_classes=0, in_chans=in_chans, **kw)
     return TimmModel(trunk, num_classes)
@@ -269,12 +283,36 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
             listed |= {f"{prefix}.{n}" if prefix else n for n in mod.no_weight_decay()}
     return {n for n, p in model.named_parameters() if "bn" in n or "bias" in n or p.ndim <= 1 or n in listed}
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    "Two optimizer groups: decayed parameters, and `no_weight_decay_names` with weight decay 0 (frozen ones left out)."
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_EMBED = ("patch_embed", "pos_embed", "cls_token", "mask_token", "reg_token")
+
+def layer_id(name: str, num_layers: int) -> int:
+    "0 for embeddings, i + 1 for transformer block i, `num_layers + 1` for what comes after the blocks."
+    if (m := _BLOCK.search(name)): return int(m.group(1)) + 1
+    return 0 if any(e in name.split(".") for e in _EMBED) else num_layers + 1
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """Optimizer groups of the trainable parameters: decayed ones and `no_weight_decay_names` (weight decay 0), each
+    split by layer with `lr_scale = layer_decay^(L + 1 - layer_id)` when `layer_decay` is given (else one scale, 1)."""
     skip = no_weight_decay_names(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in params if n not in skip], "weight_decay": weight_decay},
-            {"params": [p for n, p in params if n in skip], "weight_decay": 0.0}]
+    L = 1 + max((int(m.group(1)) for n, _ in params if (m := _BLOCK.search(n))), default=-1)
+    groups = {}
+    for n, p in params:
+        lid = layer_id(n, L) if layer_decay is not None else 0
+        scale = layer_decay ** (L + 1 - lid) if layer_decay is not None else 1.0
+        key = (n not in skip, lid)
+        g = groups.setdefault(key, {"params": [], "weight_decay": weight_decay if n not in skip else 0.0,
+                                    "lr_scale": scale})
+        g["params"].append(p)
+    if not groups: return [{"params": [], "weight_decay": weight_decay, "lr_scale": 1.0}]
+    return [groups[k] for k in sorted(groups, key=lambda k: (not k[0], k[1]))]
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> nn.Module:
+    "Set the running-statistics momentum of every BatchNorm of `model` (any net: WRN, timm ResNets, …)."
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm): m.momentum = momentum
+    return model
 
 # %% ../nbs/03_models.ipynb #dacd18ce
 class EnsembleProjector(nn.Module):

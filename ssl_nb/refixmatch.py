@@ -5,8 +5,10 @@
 # %% ../nbs/refixmatch.ipynb #c58cb58e
 from __future__ import annotations
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .core import ALGORITHMS
+from .classify import WRN_PRESETS
 from .fixmatch import FixMatch, FixMatchConfig
 from . import kernels
 
@@ -19,6 +21,8 @@ class ReFixMatchConfig(FixMatchConfig):
     "ReFixMatch: tau = p_cutoff, sharpening T; `use_flex` = the authors' refixmatch_flex configs."
     algorithm: str = "refixmatch"
     ra_position: str = "before"
+
+    presets: ClassVar[dict] = {k: {"net_variant": "torchssl"} for k in WRN_PRESETS}   # the authors' TorchSSL fork
 
 @ALGORITHMS.register("refixmatch")
 class ReFixMatch(FixMatch):

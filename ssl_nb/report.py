@@ -106,7 +106,7 @@ def reliability_bins(probs, labels, n_bins: int = 15):
 
 def reliability_diagram(runs: dict, n_bins: int = 15, ax=None):
     "Accuracy vs confidence per bin for each run (`label -> (probs, labels)`), with the diagonal of perfect calibration."
-    from ssl_nb.train import expected_calibration_error
+    from ssl_nb.classify import expected_calibration_error
     import torch
     ax = ax or plt.subplots(figsize=(4, 4))[1]
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")

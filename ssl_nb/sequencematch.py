@@ -12,7 +12,7 @@ import torch
 from .core import ALGORITHMS
 from .fixmatch import FixMatch, FixMatchConfig
 from .losses import KL_MASKS
-from .train import pseudo_label_stats
+from .classify import WRN_PRESETS, pseudo_label_stats
 from . import kernels
 
 # %% auto #0
@@ -28,7 +28,8 @@ class SequenceMatchConfig(FixMatchConfig):
     kl_mask: str = "high"                 # which target rows the KLD terms keep: "high" (the code), "low", "all"
     ra_position: str = "before"
 
-    presets: ClassVar[dict] = {"cifar100-2500": {"batch_size": 32}}   # the authors' cifar100_2500 config
+    presets: ClassVar[dict] = {**{k: {"net_variant": "torchssl"} for k in WRN_PRESETS},   # the authors' TorchSSL fork
+                               "cifar100-2500": {"net_variant": "torchssl", "batch_size": 32}}   # their cifar100_2500 config
 
     def check(self):
         errs = super().check()

@@ -12,9 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import ALGORITHMS, ConfigError, all_gather_cat
-from .epass import ProjectorAlgorithm, ProjectorConfig
+from .classify import ProjectorAlgorithm, ProjectorConfig, pseudo_label_stats
 from .losses import simmatch_bank_update, simmatch_loss
-from .train import pseudo_label_stats
 
 # %% auto #0
 __all__ = ['SimMatchConfig', 'SimMatchBank', 'SimMatch']
@@ -35,9 +34,9 @@ class SimMatchConfig(ProjectorConfig):
     instance_warmup_iters: int = 100    # USB's first "epoch": no L_in, no propagation (1024 in the presets)
 
     presets: ClassVar[dict] = {
-        **{f"{ds}-{n}": _SIMMATCH_CLASSIC for ds, ns in (("cifar10", (40, 250, 4000)), ("cifar100", (400, 2500, 10000)),
-                                                         ("svhn", (40, 250, 1000))) for n in ns},
-        **{f"stl10-{n}": {**_SIMMATCH_CLASSIC, "use_ema_teacher": True} for n in (40, 250, 1000)},
+        **{f"{ds}-{n}": {**_SIMMATCH_CLASSIC, "net_variant": "usb"} for ds, ns in
+           (("cifar10", (40, 250, 4000)), ("cifar100", (400, 2500, 10000)), ("svhn", (40, 250, 1000))) for n in ns},
+        **{f"stl10-{n}": {**_SIMMATCH_CLASSIC, "use_ema_teacher": True, "net_variant": "usb"} for n in (40, 250, 1000)},
         "imagenet-100k": {**_SIMMATCH_CLASSIC, "p_cutoff": 0.7, "da_len": 256, "use_ema_teacher": True},
     }
 

@@ -145,16 +145,23 @@ def test_fashion_cache_rereads_changed_files(tmp_path):
 def test_fashion_missing_names_every_place(tmp_path, monkeypatch):
     deb = tmp_path / "deb"; deb.mkdir()
     monkeypatch.setattr(D, "_debian_fashion_dirs", lambda: (str(deb),))
-    root = tmp_path / "root"
-    with pytest.raises(DataError) as e:
-        load_dataset("fashion_mnist", data_root=root, download=False)
+    monkeypatch.setattr(D, "DEFAULT_DATA_ROOT", str(tmp_path / "cache"))
+    with pytest.raises(DataError) as e:                     # no data_root: the cache, then the Debian package's folder
+        load_dataset("fashion_mnist", download=False)
     msg = str(e.value)
-    for p in [root, root / "fashion-mnist", root / "FashionMNIST" / "raw"]: assert f"{p} (no such folder)" in msg
+    cache = tmp_path / "cache"
+    for p in [cache, cache / "fashion-mnist", cache / "FashionMNIST" / "raw"]: assert f"{p} (no such folder)" in msg
     assert f"{deb} (missing train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz)" in msg
     assert "apt-get install dataset-fashion-mnist" in msg
+    root = tmp_path / "root"; root.mkdir()                  # a data_root the user gives: only it is searched
+    with pytest.raises(DataError) as e:
+        load_dataset("fashion_mnist", data_root=root, download=False)
+    assert f"{root} (missing" in str(e.value) and str(deb) not in str(e.value)
     monkeypatch.setattr(D, "_download_fashion", lambda r: "URLError: no network")
     with pytest.raises(DataError, match=r"download into .*root failed \(URLError: no network\)"):
         load_dataset("fashion_mnist", data_root=root)
+    with pytest.raises(DataError, match="does not exist or is not a folder"):
+        load_dataset("fashion_mnist", data_root=tmp_path / "typo")
 
 
 def test_fashion_download_fallback(tmp_path, monkeypatch):
@@ -163,6 +170,7 @@ def test_fashion_download_fallback(tmp_path, monkeypatch):
     def fake_download(root):
         calls.append(root); make_fashion(root / "FashionMNIST" / "raw", n_train=10, gz=False)
     monkeypatch.setattr(D, "_download_fashion", fake_download)
+    (tmp_path / "dl").mkdir()
     ds = load_dataset("fashion_mnist", data_root=tmp_path / "dl")
     assert calls == [tmp_path / "dl"] and len(ds) == 10
 
@@ -448,14 +456,14 @@ def test_loader_lazy_with_workers_state_is_callers(tmp_path):
     first = [next(a) for _ in range(3)]                                   # workers have prefetched further
     state = a.state_dict()
     assert state == {"lb": {"epoch": 1, "pos": 2}, "ulb": {"epoch": 1, "pos": 2}}
-    assert a._lb.sampler.state_dict() != state["lb"]                      # the sampler itself ran ahead
+    assert a._streams["lb"].sampler.state_dict() != state["lb"]                      # the sampler itself ran ahead
     nxt = next(a)
     b = SSLLoader(lb, ds, batch_size=2, uratio=2, seed=1, num_workers=0)
     b.load_state_dict(state)
     got = next(b)
     assert all(torch.equal(nxt[k], got[k]) for k in nxt)
     a.close()                                                             # workers stop; iterating again resumes
-    assert a._lb._it is None and a._ulb._it is None
+    assert all(s._it is None for s in a._streams.values())
     with a:
         again = next(a)
     assert all(torch.equal(again[k], v) for k, v in next(b).items())

@@ -369,7 +369,7 @@ def test_state_dict_round_trip_equals_uninterrupted(name, tmp_path):
 
 def test_load_state_dict_rejects_other_algorithm():
     sim, co = make_algo("simmatch"), make_algo("comatch")
-    with pytest.raises(Exception, match="algorithm state"):
+    with pytest.raises(Exception, match="task state"):
         co.load_state_dict(sim.state_dict())
 
 
@@ -377,7 +377,7 @@ def test_load_state_dict_rejects_other_algorithm():
 def test_fit_resume_restores_bank_and_queue_exactly(name, tmp_path, monkeypatch):
     """End to end through `fit` on a tiny dataset: a run interrupted after its step-2 checkpoint and resumed ends with
     the same bank/queue, DA history and EMA accuracy as an uninterrupted one."""
-    import ssl_nb.train as train
+    import ssl_nb.classify as classify, ssl_nb.train as train
     from ssl_nb.data import ImageDataset
     g = torch.Generator().manual_seed(0)
     imgs = lambda n: torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
@@ -385,7 +385,7 @@ def test_fit_resume_restores_bank_and_queue_exactly(name, tmp_path, monkeypatch)
     lb = ImageDataset(imgs(20), torch.arange(20) % C, classes, (0.5,), (0.25,), "toy")
     ulb = ImageDataset(imgs(60), torch.arange(60) % C, classes, (0.5,), (0.25,), "toy")
     test = ImageDataset(imgs(20), torch.arange(20) % C, classes, (0.5,), (0.25,), "toy")
-    monkeypatch.setattr(train, "prepare_data", lambda cfg: train.RunData(lb, ulb, test, C, 1, 28, (0.5,), (0.25,)))
+    monkeypatch.setattr(classify, "prepare_data", lambda cfg: classify.RunData(lb, ulb, test, C, 1, 28, (0.5,), (0.25,)))
 
     class Stop(Exception): pass
     def stop_at_2(step, state):
@@ -399,8 +399,8 @@ def test_fit_resume_restores_bank_and_queue_exactly(name, tmp_path, monkeypatch)
     full = train.fit(cfg(tmp_path / "full"))
     with pytest.raises(Stop): train.fit(cfg(tmp_path / "cut"), callbacks=[stop_at_2])
     resumed = train.fit(cfg(tmp_path / "cut", resume=True))
-    a = train.load_checkpoint(tmp_path / "full" / "last.pt")["algorithm"]
-    b = train.load_checkpoint(tmp_path / "cut" / "last.pt")["algorithm"]
+    a = train.load_checkpoint(tmp_path / "full" / "last.pt")["task"]
+    b = train.load_checkpoint(tmp_path / "cut" / "last.pt")["task"]
     for mod in a:
         for k in a[mod]: assert torch.equal(a[mod][k], b[mod][k]), (mod, k)
     assert train.load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 4

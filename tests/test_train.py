@@ -1,11 +1,12 @@
-"""Tests of the trainer (`ssl_nb.train.fit`) and its workflow: every algorithm updates its weights, a killed and
-resumed run equals an uninterrupted one bit for bit, NaN losses, corrupt and mismatched checkpoints, bad configs and
-missing data, the CLI, and DDP (2 gloo processes on the CPU under torchrun).
+"""Tests of the trainer (`ssl_nb.train.fit`) on the classification tasks: every SSL algorithm updates its weights,
+every registered net trains, every preset's model builds, a killed and resumed run equals an uninterrupted one bit
+for bit, NaN losses, mismatched checkpoints, bad configs and missing data, the CLI, and DDP (2 gloo processes on the
+CPU under torchrun). Faults and bad input have their own file, `test_faults.py`.
 
 Everything runs on Fashion-MNIST with tiny settings (WRN-10-2, batch 8, uratio 2, a few steps) and evaluates on the
 first 64 test images (`eval_limit`), so the file takes well under 3 minutes on 2 CPU cores.
 """
-import dataclasses, hashlib, importlib.util, json, math, os, shutil, subprocess, sys
+import dataclasses, hashlib, json, math, os, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ import torch
 
 from ssl_nb.core import (ALGORITHMS, CheckpointError, ConfigError, DataError, NonFiniteLossError, atomic_save,
                          load_checkpoint, seed_everything)
-from ssl_nb.train import (PROTOCOL_PRESETS, Supervised, TrainConfig, fit, make_config, prepare_data, read_metrics)
+from ssl_nb.train import TrainConfig, fit, make_config, presets_of, read_metrics
+from ssl_nb.classify import PROTOCOL_PRESETS, Algorithm, Supervised, prepare_data
+from ssl_nb.models import MODELS
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,12 +31,7 @@ def tiny(algorithm, run_dir, **kw):
     return make_config(algorithm, **{k: v for k, v in {**TINY, **kw}.items() if k in names}, run_dir=str(run_dir))
 
 
-def algorithm_or_skip(name):
-    "The algorithm class; skip only when its module has not been written yet (a broken module fails the test)."
-    module = ALGORITHMS._lazy.get(name)
-    if module and importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} does not exist yet")
-    return ALGORITHMS.get(name)
+SSL_ALGORITHMS = [n for n in ALGORITHMS.names() if issubclass(ALGORITHMS.get(n), Algorithm)]
 
 
 def assert_same(a, b, where="state"):
@@ -63,9 +61,13 @@ def metric_rows(run_dir):
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. every algorithm trains: a 2-step fit changes every parameter that gets a gradient, and only those
 
-@pytest.mark.parametrize("name", ALGORITHMS.names())
+def test_every_classification_algorithm_is_tested():
+    assert {"supervised", "fixmatch", "flexmatch", "refixmatch", "sequencematch", "simmatch", "comatch"} <= set(SSL_ALGORITHMS)
+
+
+@pytest.mark.parametrize("name", SSL_ALGORITHMS)
 def test_fit_updates_every_weight_with_a_gradient(name, tmp_path):
-    cls = algorithm_or_skip(name)
+    cls = ALGORITHMS.get(name)
     cfg = tiny(name, tmp_path, num_iters=2, eval_every=2)
     got_grad, no_grad, seen = {}, {}, {}        # a non-zero gradient at some step / never a gradient (None)
 
@@ -120,7 +122,6 @@ def kill_at(n):
 
 @pytest.mark.parametrize("name", ["fixmatch", "flexmatch", "sequencematch"])
 def test_killed_and_resumed_run_equals_uninterrupted(name, tmp_path):
-    algorithm_or_skip(name)
     N = 2
     full = fit(tiny(name, tmp_path / "full", num_iters=2 * N, eval_every=N))              # checkpoint at the end only
     cfg = tiny(name, tmp_path / "killed", num_iters=2 * N, eval_every=N, ckpt_every=N)
@@ -131,10 +132,10 @@ def test_killed_and_resumed_run_equals_uninterrupted(name, tmp_path):
 
     a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "killed" / "last.pt")
     assert a["step"] == b["step"] == 2 * N
-    for k in ("model", "ema", "optimizer", "scheduler", "loader", "algorithm", "aug_rng", "cpu_rng", "best", "history"):
+    for k in ("model", "ema", "optimizer", "loader", "task", "aug_rng", "cpu_rng", "best", "history"):
         assert_same(a[k], b[k], k)
     if name != "fixmatch":                      # stateful methods: their thresholds are in the checkpoint and equal
-        assert a["algorithm"], f"{name} keeps no state in its checkpoint"
+        assert a["task"], f"{name} keeps no state in its checkpoint"
     free = {"run_dir", "resume", "ckpt_every"}
     assert_same({k: v for k, v in a["config"].items() if k not in free},
                 {k: v for k, v in b["config"].items() if k not in free}, "config")
@@ -159,17 +160,20 @@ def test_resuming_a_finished_run_only_evaluates(tmp_path):
 
 
 def test_best_checkpoint_never_runs_ahead_of_the_last(tmp_path, monkeypatch):
-    "A new best found after the last checkpoint is written with the next checkpoint, not before it."
-    import ssl_nb.train as T
+    """A new best found after the last checkpoint is written with the next checkpoint, not before it. The checkpoint
+    of a step comes before its evaluation: last.pt at step 4 holds the best of step 3 and a pending evaluation, which
+    the resumed run makes first."""
+    import ssl_nb.classify as C
     seen = []
     def rising(*a, **k):                      # every evaluation is a new best
-        seen.append(1); return {"top1": len(seen) / 100, "ece": 0.0, "per_class": torch.zeros(10)}
-    monkeypatch.setattr(T, "evaluate", rising)
+        seen.append(1); return {"top1": len(seen) / 100, "ece": 0.0, "per_class": [0.0] * 10}
+    monkeypatch.setattr(C, "evaluate_classifier", rising)
     cfg = tiny("supervised", tmp_path, num_iters=6, eval_every=1, ckpt_every=4)
     with pytest.raises(Killed): fit(cfg, callbacks=[kill_at(5)])        # killed after the (best) evaluation at step 5
     last, best = load_checkpoint(tmp_path / "last.pt"), torch.load(tmp_path / "best.pt", weights_only=True)
-    assert last["step"] == best["step"] == 4 and last["best"] == {"top1": 0.04, "step": 4}
+    assert (last["step"], best["step"], last["best"], last["pending_eval"]) == (4, 3, {"value": 0.03, "step": 3}, True)
     res = fit(dataclasses.replace(cfg, resume=True))
+    assert [h["step"] for h in res.history] == [1, 2, 3, 4, 5, 6]        # step 4 evaluated again on resume
     assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == res.best_step == 6
 
 
@@ -240,8 +244,10 @@ def finished_run(tmp_path_factory):
 def test_resume_refuses_a_different_config(finished_run):
     cfg, d = finished_run
     before = sha(d / "last.pt")
-    with pytest.raises(CheckpointError, match=r"different config \(lr: checkpoint 0\.03 vs now 0\.1\)"):
-        fit(dataclasses.replace(cfg, lr=0.1, resume=True))
+    with pytest.raises(CheckpointError, match=r"different config \(weight_decay: checkpoint 0\.0005 vs now 0\.1\)"):
+        fit(dataclasses.replace(cfg, weight_decay=0.1, resume=True))
+    with pytest.raises(CheckpointError, match=r"num_iters=1 would end the run before it"):
+        fit(dataclasses.replace(cfg, num_iters=1, resume=True))
     with pytest.raises(CheckpointError, match="not a resumable ssl_nb checkpoint"):
         fit(dataclasses.replace(cfg, resume=str(d / "best.pt")))
     assert sha(d / "last.pt") == before
@@ -274,14 +280,14 @@ def test_new_run_into_a_folder_with_a_checkpoint_is_refused(finished_run):
     assert sha(d / "last.pt") == before
 
 
-def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(finished_run, tmp_path):
+def test_corrupt_checkpoints_are_a_clear_error_and_are_kept(finished_run, tmp_path):
     cfg, d = finished_run
     run = tmp_path / "run"; shutil.copytree(d, run)
-    (run / "last.pt").write_bytes(b"\x00" * 100)                            # a truncated or overwritten file
-    with pytest.raises(CheckpointError, match="corrupt") as e:
+    for f in ("last.pt", "prev.pt"): (run / f).write_bytes(b"\x00" * 100)    # truncated or overwritten files
+    with pytest.raises(CheckpointError, match="No checkpoint to resume from verifies") as e:
         fit(dataclasses.replace(cfg, run_dir=str(run), resume=True))
-    assert str(run / "last.pt") in str(e.value)
-    assert (run / "last.pt").read_bytes() == b"\x00" * 100
+    assert str(run / "last.pt") in str(e.value) and str(run / "prev.pt") in str(e.value)
+    assert (run / "last.pt").read_bytes() == (run / "prev.pt").read_bytes() == b"\x00" * 100
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,7 +298,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(finished_run, tmp_path)
     (lambda: make_config("fixmatch", batch_size="8"), "batch_size must be int"),
     (lambda: make_config("fixmatch", p_cutoff=1.5), r"p_cutoff must be in \[0, 1\]"),
     (lambda: make_config("fixmatch", num_iters=0), "num_iters must be > 0"),
-    (lambda: make_config("fixmatch", "cifar11-40"), "Unknown preset 'cifar11-40'. Presets: .*cifar10-40"),
+    (lambda: make_config("fixmatch", "cifar11-40"), "Unknown preset 'cifar11-40' for FixMatchConfig. Presets: .*cifar10-40"),
     (lambda: make_config("fixmatchh"), "Unknown algorithm 'fixmatchh'. Known algorithms: .*fixmatch"),
     (lambda: make_config("fixmatch", net="wrn_28_3"), "net 'wrn_28_3' is unknown .*wrn_28_2"),
     (lambda: make_config("fixmatch", dataset="cifar-10"), "dataset 'cifar-10' is unknown .*cifar10"),
@@ -314,12 +320,50 @@ def test_missing_dataset_is_one_data_error_before_training(tmp_path):
 
 
 def test_every_preset_key_is_a_config_field():
-    classes = [ALGORITHMS.get(n).config_cls for n in ALGORITHMS.names()
-               if not (m := ALGORITHMS._lazy.get(n)) or importlib.util.find_spec(m) is not None]
-    fields = {f.name for c in classes for f in dataclasses.fields(c)}
-    presets = {**PROTOCOL_PRESETS, **{f"{c.__name__}:{k}": v for c in classes for k, v in c.presets.items()}}
-    stray = {name: sorted(set(p) - fields) for name, p in presets.items() if set(p) - fields}
+    "Each preset key is a field of the config class that declares it (or of one of its subclasses)."
+    classes = [ALGORITHMS.get(n).config_cls for n in ALGORITHMS.names()]
+    stray = {}
+    for c in classes:
+        fields = {f.name for k in classes if issubclass(k, c) for f in dataclasses.fields(k)}
+        for name, p in c.__dict__.get("presets", {}).items():
+            if set(p) - fields: stray[f"{c.__name__}:{name}"] = sorted(set(p) - fields)
     assert not stray, f"preset keys no config class has: {stray}"
+
+
+def test_presets_build_the_codebases_network():
+    "USB's WRN for the USB/EPASS-derived methods' presets, TorchSSL's for the authors' TorchSSL fork; CPU default untouched."
+    for algo, variant in [("fixmatch", "usb"), ("flexmatch", "usb"), ("simmatch", "usb"), ("comatch", "usb"),
+                          ("refixmatch", "torchssl"), ("sequencematch", "torchssl")]:
+        for preset in ("cifar10-40", "cifar100-2500", "stl10-40"):
+            assert make_config(algo, preset).net_variant == variant, (algo, preset)
+        assert make_config(algo).net_variant is None and make_config(algo, "fashion_mnist-40").net_variant is None
+    assert make_config("sequencematch", "cifar100-2500").batch_size == 32
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    seq, fix = (ALGORITHMS.get(a)(make_config(a, "cifar10-40"), 10, 40, 100) for a in ("sequencematch", "fixmatch"))
+    assert (n(seq.model), n(fix.model)) == (1_469_642, 1_467_626)
+
+
+NUM_CLASSES = {"cifar100": 100, "imagenet": 1000}
+
+
+@pytest.mark.parametrize("name", SSL_ALGORITHMS)
+def test_every_presets_model_builds(name):
+    "The model of every (algorithm, preset) pair builds (on the meta device: shapes only, no memory, no time)."
+    cls = ALGORITHMS.get(name)
+    for preset in sorted(presets_of(cls.config_cls)):
+        cfg = make_config(name, preset)
+        with torch.device("meta"):
+            model = cls(cfg, NUM_CLASSES.get(cfg.dataset, 10), 40, 100, in_chans=3).model
+        assert model.classifier.out_features == NUM_CLASSES.get(cfg.dataset, 10), (name, preset)
+        if cfg.bn_momentum is not None:
+            assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} <= {cfg.bn_momentum}
+
+
+@pytest.mark.parametrize("net", MODELS.names())
+def test_two_step_fit_for_every_registered_net(net, tmp_path):
+    "Every registered net trains on the embedded default (28x28 grayscale): ViTs take any input size."
+    res = fit(tiny("fixmatch", tmp_path, net=net, batch_size=4, uratio=1, num_iters=2, eval_every=2, eval_limit=16))
+    assert [h["step"] for h in res.history] == [2] and math.isfinite(read_metrics(tmp_path, "train")[-1]["loss"])
 
 
 def test_cifar10_40_preset_is_the_fixmatch_protocol():
@@ -348,7 +392,7 @@ def test_cli_fit_prints_the_summary(tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary == json.loads((tmp_path / "results.json").read_text())
-    assert (summary["algorithm"], summary["steps"], summary["eval_limit"], summary["eval_images"]) == ("supervised", 2, 64, 64)
+    assert (summary["algorithm"], summary["steps"], summary["eval_limit"], summary["eval_size"]) == ("supervised", 2, 64, 64)
 
 
 def test_cli_bad_flag_is_one_line_and_exit_2():
@@ -375,7 +419,7 @@ def test_ddp_cli_run_writes_one_result(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count('"algorithm"') == 1, r.stdout                        # rank 0 prints the summary
     assert [p.relative_to(tmp_path) for p in tmp_path.rglob("results.json")] == [Path("results.json")]
-    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt", "last.pt", "prev.pt"]
     assert json.loads((tmp_path / "config.json").read_text())["world_size"] == 2
     ck = load_checkpoint(tmp_path / "last.pt")
     assert ck["step"] == 2 and len(ck["aug_rng"]) == 2 and len(ck["cpu_rng"]) == 2
@@ -405,7 +449,7 @@ def test_ddp_ranks_split_the_global_batch_stay_in_sync_and_resume_exactly(tmp_pa
     # killed and resumed under DDP equals uninterrupted under DDP
     a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "killed" / "last.pt")
     assert a["step"] == b["step"] == 4 and len(b["aug_rng"]) == 2
-    for k in ("model", "ema", "optimizer", "scheduler", "loader", "aug_rng", "cpu_rng", "best", "history"):
+    for k in ("model", "ema", "optimizer", "loader", "task", "aug_rng", "cpu_rng", "best", "history"):
         assert_same(a[k], b[k], k)
     assert_same(metric_rows(tmp_path / "full"), metric_rows(tmp_path / "killed"), "metrics.jsonl")
 
@@ -425,7 +469,7 @@ def test_evaluate_file_backed_equals_in_memory(tmp_path):
     from ssl_nb.augment import make_views
     from ssl_nb.data import ImageDataset, load_dataset
     from ssl_nb.models import create
-    from ssl_nb.train import evaluate
+    from ssl_nb.classify import evaluate_classifier as evaluate
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for c in ("a", "b", "c"):
@@ -443,7 +487,7 @@ def test_evaluate_file_backed_equals_in_memory(tmp_path):
     b = evaluate(model, mem, view, 3, batch_size=4)
     assert a["top1"] == b["top1"] and a["ece"] == b["ece"]
     torch.testing.assert_close(a["probs"], b["probs"])
-    assert torch.equal(a["per_class"], b["per_class"])
+    assert a["per_class"] == b["per_class"]
 
 
 def test_views_follow_the_codebase_of_ra_position(tmp_path):
