@@ -1,0 +1,209 @@
+"""Where the CPU training step of the embedded default goes: wall and process-CPU time per phase of ssl_nb's real step.
+
+    python tools/cpu_profile.py [--algo sequencematch] [--steps 40] [--threads 2] [--channels-last 1]
+                                [--compile] [--eval] [--eval-limit N] [--views] [--ops] [--json FILE]
+
+Builds the run `make demo` trains (Fashion-MNIST, 40 labels, WRN-10-2, B = 32, mu = 3; `ssl_nb.train.Run`'s
+open/build/restore/wrap), then repeats `Run.train_step`'s phases with a timer around each: sampling (the loader),
+the views (each one), forward, loss and logs (the rest of `task.train_step`), backward, logger accumulation, lr and
+optimizer step, EMA. Process CPU time (all threads) is reported beside wall time, because other processes share the
+machine: CPU time / wall time above 1 means the step used more than one core; wall well above CPU time (with one
+thread) means the process waited for a core. `--eval` also times one evaluation of the EMA model on the test set;
+`--views` breaks each view into its ops (RandAugment, Cutout, flip/crop, normalise); `--ops` prints torch.profiler's
+top operators of a few steps. The load average of the machine is printed before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+
+def load() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    return "?"
+
+
+class Timer:
+    "Wall (perf_counter) and process CPU (process_time: every thread) seconds per named phase."
+    def __init__(self): self.wall, self.cpu, self.n = defaultdict(float), defaultdict(float), defaultdict(int)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        w, c = time.perf_counter(), time.process_time()
+        try: yield
+        finally:
+            self.wall[name] += time.perf_counter() - w; self.cpu[name] += time.process_time() - c; self.n[name] += 1
+
+    def reset(self): self.__init__()
+
+    def table(self, steps: int, total_wall: float, total_cpu: float) -> list[dict]:
+        rows = [{"phase": k, "wall_ms": 1e3 * self.wall[k] / steps, "cpu_ms": 1e3 * self.cpu[k] / steps,
+                 "share_wall": self.wall[k] / total_wall} for k in self.wall]
+        rows.append({"phase": "step (total)", "wall_ms": 1e3 * total_wall / steps, "cpu_ms": 1e3 * total_cpu / steps,
+                     "share_wall": 1.0})
+        return rows
+
+
+def fmt(rows: list[dict]) -> str:
+    out = [f"{'phase':<28}{'wall ms':>10}{'CPU ms':>10}{'% wall':>8}"]
+    for r in rows: out.append(f"{r['phase']:<28}{r['wall_ms']:>10.2f}{r['cpu_ms']:>10.2f}{100 * r['share_wall']:>7.1f}%")
+    return "\n".join(out)
+
+
+def build_run(args, run_dir: str):
+    "A `Run` of the demo's config (built, not trained), as `fit` builds it."
+    from ssl_nb.train import Run, make_config
+    import ssl_nb.sequencematch, ssl_nb.fixmatch  # noqa: F401  (register the algorithms)
+    kw = dict(num_labels=40, batch_size=args.batch_size, uratio=args.uratio, seed=0, run_dir=run_dir, progress=False,
+              tensorboard=False, channels_last=bool(args.channels_last), compile=args.compile, device="cpu",
+              num_iters=10**6, eval_limit=args.eval_limit)
+    if args.algo == "supervised": kw.pop("uratio")
+    if args.net: kw["net"] = args.net
+    cfg = make_config(args.algo, **kw)
+    run = Run.open(cfg)
+    stack = contextlib.ExitStack()
+    run._open_folder(stack)
+    run.build().restore().wrap()
+    return run, stack
+
+
+def timed_steps(run, logger, steps: int, T: Timer):
+    "`Run.train_step` (accum_steps = 1), phase by phase, with the views and the forward timed inside the task."
+    from ssl_nb.train import set_lr
+    cfg, task, model = run.cfg, run.task, run.model
+    for _ in range(steps):
+        task.step = run.step
+        with T("zero_grad"): run.opt.zero_grad(set_to_none=True)
+        with T("sampling (loader)"): batch = next(run.loader)
+        with T("views (make_inputs)"): inputs = task.make_inputs(batch, run.aug_gen)
+        with T("forward+loss+logs"): out = task.train_step(inputs)
+        with T("backward"): out["loss"].backward()
+        with T("logger.accumulate"): logger.accumulate(out, run.step + 1)
+        with T("lr + optimizer step"):
+            run.lr = set_lr(run.opt, cfg, run.step); run.opt.step()
+        with T("EMA update"):
+            if run.ema is not None: run.ema.update(model, run.step)
+        run.step += 1
+
+
+def instrument(task, T: Timer):
+    "Time each view and the forward pass inside the task (instance attributes; the task's code is unchanged)."
+    if task.view_fns is not None:
+        task.plain_views = dict(task.view_fns)
+        task.view_fns = {k: _timed(f"  view {k}", v, T) for k, v in task.view_fns.items()}
+    fwd = task.forward
+    task.forward = _timed("  forward (model)", fwd, T)
+
+
+def _timed(name, fn, T):
+    def wrapper(*a, **kw):
+        with T(name): return fn(*a, **kw)
+    return wrapper
+
+
+def view_ops(task, reps: int, T: Timer):
+    "Each view of the task split into its ops, on the unlabeled batch size."
+    import torch
+    from ssl_nb.augment import cutout, flip_crop, normalize, rand_augment
+    x = task.data.ulb.images[: task.cfg.batch_size * max(1, getattr(task.cfg, "uratio", 1))]
+    g = torch.Generator().manual_seed(0)
+    for name in ("weak", "medium", "strong"):
+        v = task.plain_views[name]
+        for _ in range(reps):
+            y = x
+            if v.n_ops:
+                with T(f"{name}: rand_augment({v.n_ops})"): y = rand_augment(y, v.n_ops, g, v.ops)
+            if v.cutout:
+                with T(f"{name}: cutout"): y = cutout(y, g, v.cutout_frac, v.cutout_fill)
+            with T(f"{name}: flip_crop"): y = flip_crop(y, g, v.pad, v.crop_size, v.flip, v.order)
+            with T(f"{name}: normalize"): y = normalize(y, v.mean, v.std)
+            if v.channels_last:
+                with T(f"{name}: to channels_last"): y = y.contiguous(memory_format=torch.channels_last)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--algo", default="sequencematch")
+    p.add_argument("--net", default=None, help="default: the config's (wrn_10_2)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--uratio", type=int, default=3)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--channels-last", type=int, default=1, choices=(0, 1))
+    p.add_argument("--compile", action="store_true", help="cfg.compile=True (torch.compile of the model)")
+    p.add_argument("--eval", action="store_true", help="also time one evaluation of the EMA model")
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--views", action="store_true", help="break the views into their ops")
+    p.add_argument("--ops", action="store_true", help="torch.profiler's top operators over 5 steps")
+    p.add_argument("--json", default=None, help="append a JSON line with the results")
+    args = p.parse_args(argv)
+
+    load0 = load()
+    t_import = time.perf_counter()
+    import torch
+    if args.threads: torch.set_num_threads(args.threads)
+    from ssl_nb.train import MetricLogger
+    t_import = time.perf_counter() - t_import
+    tmp = tempfile.mkdtemp(prefix="cpu_profile_")
+    t0 = time.perf_counter()
+    run, stack = build_run(args, tmp)
+    t_build = time.perf_counter() - t0
+    task = run.task
+    logger = MetricLogger(run.run_dir, run.device, enabled=False, tensorboard=False)
+    T = Timer()
+    instrument(task, T)
+    task.train()
+    t0 = time.perf_counter()
+    timed_steps(run, logger, args.warmup, T)            # includes torch.compile's compilation when --compile
+    t_warm = time.perf_counter() - t0
+    T.reset()
+    w, c = time.perf_counter(), time.process_time()
+    timed_steps(run, logger, args.steps, T)
+    w, c = time.perf_counter() - w, time.process_time() - c
+    logger.flush(run.step)
+    rows = T.table(args.steps, w, c)
+    head = (f"{args.algo}, {task.cfg.net}, B={args.batch_size}, mu={args.uratio}, threads={torch.get_num_threads()}, "
+            f"channels_last={bool(args.channels_last)}, compile={args.compile}, torch {torch.__version__}")
+    print(head)
+    print(f"import {t_import:.1f} s, build {t_build:.1f} s, {args.warmup} warm-up steps {t_warm:.1f} s; "
+          f"load average before: {load0}")
+    print(fmt(rows))
+    print(f"=> {args.steps / w:.2f} steps/s wall, CPU/wall {c / w:.2f}")
+    res = {"config": head, "threads": torch.get_num_threads(), "channels_last": bool(args.channels_last),
+           "compile": args.compile, "algo": args.algo, "steps": args.steps, "warmup_s": t_warm, "build_s": t_build,
+           "rows": rows, "steps_per_s": args.steps / w, "cpu_over_wall": c / w, "load_before": load0}
+    if args.eval:
+        ev_model = run.eval_model()
+        with T("evaluation"): ev = task.evaluate(ev_model)
+        n = task.eval_size()
+        res["eval"] = {"wall_s": T.wall["evaluation"], "cpu_s": T.cpu["evaluation"], "images": n, "top1": ev["top1"]}
+        print(f"evaluation of {n} test images: {T.wall['evaluation']:.2f} s wall, {T.cpu['evaluation']:.2f} s CPU")
+    if args.views:
+        V = Timer(); reps = 10
+        view_ops(task, reps, V)
+        vrows = [{"op": k, "wall_ms": 1e3 * V.wall[k] / reps, "cpu_ms": 1e3 * V.cpu[k] / reps} for k in V.wall]
+        res["view_ops"] = vrows
+        print(f"\nviews split into ops ({task.cfg.batch_size * args.uratio} unlabeled images, ms per call):")
+        for r in vrows: print(f"  {r['op']:<32}{r['wall_ms']:>9.2f} wall{r['cpu_ms']:>9.2f} CPU")
+    if args.ops:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof: timed_steps(run, logger, 5, Timer())
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(f"load average after: {load()}")
+    res["load_after"] = load()
+    stack.close()
+    if args.json:
+        with open(args.json, "a") as f: f.write(json.dumps(res) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()
