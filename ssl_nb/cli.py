@@ -7,12 +7,11 @@ from __future__ import annotations
 import argparse, dataclasses, difflib, json, os, sys, typing
 from pathlib import Path
 
-import torch
-from .core import ALGORITHMS, ConfigError, SSLNBError, is_dist
-from .train import fit, make_config, preset_overrides, presets_of
+# torch and ssl_nb's modules are imported inside the functions: a Ctrl-C while they load (seconds) is then caught
+# like any other, instead of ending in an import traceback
 
 # %% auto #0
-__all__ = ['add_config_flags', 'config_from_argv', 'main']
+__all__ = ['add_config_flags', 'config_from_argv', 'main', 'run']
 
 # %% ../nbs/07_cli.ipynb #095b8a5a
 class _Parser(argparse.ArgumentParser):
@@ -23,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
             hints = [f"{w} (did you mean {m[0]}?)" for w in message.split(": ", 1)[1].split()
                      if w.startswith("--") and (m := difflib.get_close_matches(w.split("=")[0], flags, n=1))]
             if hints: message += "; " + ", ".join(hints)
-        self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
+        self.exit(2, f"ssl-nb: error: {message} (`{self.prog}`). See `{self.prog} --help`.\n")
 
 def _parse_value(hint):
     "A converter for a CLI string given a field's type annotation (tuples: comma-separated, e.g. `0.9,0.95`)."
@@ -58,6 +57,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
 
 def config_from_argv(algorithm: str, argv: list[str]):
     "Parse `fit` flags for `algorithm` into its config."
+    from ssl_nb.core import ALGORITHMS
+    from ssl_nb.train import make_config
     cls = ALGORITHMS.get(algorithm).config_cls
     p = _Parser(prog=f"ssl-nb fit {algorithm}", description=cls.__doc__)
     p.add_argument("--preset", default=None, help="a protocol preset applied before the flags (see `ssl-nb presets`)")
@@ -88,6 +89,7 @@ def _summary_line(r: dict) -> str:
             f"(step {r.get('best_step')}), last {fmt(last)}{part}  [{r['run_dir']}]")
 
 def _fit_help(p: argparse.ArgumentParser) -> str:
+    from ssl_nb.core import ALGORITHMS
     return (f"usage: ssl-nb fit ALGORITHM [--preset NAME] [--FLAG VALUE ...]\n\nTrain ALGORITHM (one of: "
             f"{', '.join(ALGORITHMS.names())}).\nEvery field of its config is a flag; `ssl-nb fit ALGORITHM --help` "
             f"lists them with their defaults, `ssl-nb presets ALGORITHM` the presets.\n")
@@ -99,7 +101,14 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `ssl-nb` and `python -m ssl_nb.cli`."
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try: return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt as e:   # RunInterrupted names the step and the checkpoint
+        return _fail(str(e) or "interrupted before training started: nothing to resume.", 130)
+
+def _main(argv: list[str]) -> int:
+    import torch
+    from ssl_nb.core import ALGORITHMS, SSLNBError, is_dist
+    from ssl_nb.train import fit, preset_overrides, presets_of
     p = _Parser(prog="ssl-nb", description="Train and inspect ssl_nb runs.")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fit", help="train an algorithm (flags: `ssl-nb fit ALGO --help`)", add_help=False)
@@ -111,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "fit":
             if args.algorithm is None:                # `ssl-nb fit --help`, or no algorithm named
-                asked = any(a in ("-h", "--help") for a in rest)
-                print(_fit_help(p), end="", file=sys.stdout if asked else sys.stderr); return 0 if asked else 2
+                if any(a in ("-h", "--help") for a in rest): print(_fit_help(p), end=""); return 0
+                return _fail(f"error: name the algorithm to train: ssl-nb fit ALGORITHM (one of: "
+                             f"{', '.join(ALGORITHMS.names())}); `ssl-nb fit --help` says more.")
             try: res = fit(config_from_argv(args.algorithm, rest))
             finally:
                 if is_dist(): torch.distributed.destroy_process_group()
@@ -130,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows: print(_summary_line(r))
     except SSLNBError as e:          # under torchrun every process raises the same error: one of them says it
         return _fail(f"error: {e}")
-    except KeyboardInterrupt as e:   # RunInterrupted names the step and the checkpoint
-        return _fail(str(e) or "interrupted.", 130)
     except torch.cuda.OutOfMemoryError as e:
         return _fail(f"error: the GPU ran out of memory ({str(e).splitlines()[0]}). Lower batch_size (or use "
                      f"accum_steps), then resume with --resume true.")
@@ -141,4 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 # %% ../nbs/07_cli.ipynb #6d249669
-if __name__ == "__main__" and "get_ipython" not in globals(): sys.exit(main())
+def run() -> None:
+    """The program entry (`ssl-nb`, `python -m ssl_nb.cli`): `main`'s status as the process's exit status. After a
+    Ctrl-C the process ends with `os._exit(130)`: CPython would otherwise report 130 as a death by SIGINT (-2) when
+    the interrupt had landed in code that an extension ran through `PyRun_*` (as some imports do), and shells and
+    schedulers would read that as a crash."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+if __name__ == "__main__" and "get_ipython" not in globals(): run()

@@ -183,7 +183,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{e} Use another checkpoint (a run keeps last.pt, prev.pt and best.pt) or start a new "
                               f"run.") from e
     except Exception as e:
-        raise CheckpointError(f"Cannot read checkpoint {path} ({type(e).__name__}: {e}). It is corrupt or not an "
+        why = next((l.strip() for l in str(e).splitlines() if l.strip()), "")[:200]
+        raise CheckpointError(f"Cannot read checkpoint {path} ({type(e).__name__}: {why}). It is corrupt or not an "
                               f"ssl_nb checkpoint: use another one (a run keeps last.pt, prev.pt and best.pt) or start "
                               f"a new run.") from e
 
