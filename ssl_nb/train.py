@@ -226,8 +226,9 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
 # %% ../nbs/05_train.ipynb #20f1d6a7
 class EMA:
     "Exponential moving average of a model's trainable parameters; buffers are copied."
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = False):
-        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = False, shared=()):
+        memo = {id(m): m for m in shared}                       # deepcopy hands these back instead of copying them
+        self.module = copy.deepcopy(unwrap(model), memo).eval().requires_grad_(False)
         self.decay, self.warmup = decay, warmup
 
     def decay_at(self, step: int) -> float:
@@ -579,7 +580,8 @@ class Run:
         task.model = task.model.to(device, memory_format=mem)
         self.loader = task.train_loader(device, denv.rank, denv.world_size)
         self.aug_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + denv.rank + 1)
-        self.ema = EMA(task.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay is not None else None
+        self.ema = (EMA(task.model, cfg.ema_decay, cfg.ema_warmup, shared=task.frozen_modules().values())
+                    if cfg.ema_decay is not None else None)
         task.ema_model = self.ema.module if self.ema else None
         self.opt = build_optimizer(task.param_groups(task.model), cfg)
         self.step, self.best, self.history, self.resumes, self.pending_eval = 0, {"value": None, "step": -1}, [], [], False

@@ -503,3 +503,22 @@ def test_views_follow_the_codebase_of_ra_position(tmp_path):
         assert (d.mean, d.std) == stats, algo
     fm = dict(dataset="fashion_mnist", num_labels=40, run_dir=str(tmp_path / "fm"))
     assert prepare_data(make_config("fixmatch", **fm)).mean == prepare_data(make_config("sequencematch", **fm)).mean
+
+
+def test_frozen_trunk_is_shared_by_the_ema_and_out_of_every_checkpoint(tmp_path):
+    "A linear probe that runs its frozen trunk every step, with an EMA: the trunk never trains and is never written."
+    fit(tiny("supervised", tmp_path / "src", num_iters=2, eval_every=2))
+    trunk_before = {}
+    def grab(step, state):
+        model, ema = state["model"], state["ema"].module
+        assert ema[0] is model[0]                                  # the EMA uses the online trunk, not a copy
+        if step == 1: trunk_before.update({k: v.clone() for k, v in model[0].state_dict().items()})
+    cfg = make_config("linear_probe", source=str(tmp_path / "src" / "last.pt"), cache_features=False, ema_decay=0.9,
+                      num_labels=40, batch_size=8, num_iters=3, eval_every=3, ckpt_every=3, eval_limit=32,
+                      run_dir=str(tmp_path / "probe"), progress=False, tensorboard=False, device="cpu")
+    fit(cfg, callbacks=[grab])
+    ck = load_checkpoint(tmp_path / "probe" / "last.pt")
+    assert sorted(ck["model"]) == sorted(ck["ema"]) == ["1.fc.bias", "1.fc.weight", "1.norm.num_batches_tracked",
+                                                        "1.norm.running_mean", "1.norm.running_var"]
+    src = load_checkpoint(tmp_path / "src" / "last.pt")["ema"]
+    assert all(torch.equal(trunk_before[f"model.{k}"], v) for k, v in src.items())   # the probed weights, unchanged
