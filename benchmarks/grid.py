@@ -58,7 +58,7 @@ def collect(run_dir: Path, spec: str) -> dict:
     per_class = res.get("per_class")
     if per_class is None:     # older results.json: read the last evaluation from the checkpoint
         per_class = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["history"][-1]["per_class"]
-    from ssl_nb.epass import per_class_spread
+    from ssl_nb.report import per_class_spread
     spread = per_class_spread(per_class)
     wall = json.loads((run_dir / "wall.json").read_text())["wall_s"] if (run_dir / "wall.json").exists() else float("nan")
     return {"spec": spec, "algorithm": res["algorithm"], "num_labels": res["num_labels"], "seed": res["seed"],

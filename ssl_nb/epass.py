@@ -7,13 +7,10 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import numpy as np
-import pandas as pd
-
 from .core import ALGORITHMS, ConfigError
 
 # %% auto #0
-__all__ = ['algorithm_spec', 'per_class_spread', 'run_metrics', 'metrics_table']
+__all__ = ['algorithm_spec']
 
 # %% ../nbs/epass.ipynb #dff9a093
 def algorithm_spec(spec: str) -> tuple[str, dict]:
@@ -28,21 +25,3 @@ def algorithm_spec(spec: str) -> tuple[str, dict]:
     k = int(n) if n else 3 if epass else 1
     if k < 1: raise ConfigError(f"{spec!r}: the number of projectors must be >= 1.")
     return name, {"num_projectors": k}
-
-# %% ../nbs/epass.ipynb #d8808607
-def per_class_spread(per_class) -> dict:
-    "Population std and minimum of the per-class accuracies."
-    a = np.asarray(per_class, dtype=float)
-    if a.ndim != 1 or a.size == 0: raise ConfigError(f"per_class must be a non-empty list of accuracies; got shape {a.shape}.")
-    return {"per_class_std": float(a.std()), "per_class_min": float(a.min())}
-
-def run_metrics(res) -> dict:
-    "Top-1 (best, last), ECE and per-class spread of a run (a `FitResult`)."
-    cfg = res.config
-    return {"algorithm": cfg["algorithm"], "num_projectors": cfg.get("num_projectors"), "num_labels": cfg["num_labels"],
-            "seed": cfg["seed"], "steps": cfg["num_iters"], "best_top1": res.best_top1, "last_top1": res.last_top1,
-            "ece": res.last_ece, **per_class_spread(res.per_class)}
-
-def metrics_table(results: dict) -> pd.DataFrame:
-    "One row of `run_metrics` per run (`label -> FitResult`), indexed by label."
-    return pd.DataFrame([{"run": k, **run_metrics(r)} for k, r in results.items()]).set_index("run")

@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
 
+from .core import ConfigError
 from .train import FitResult, read_metrics
 
 # %% auto #0
-__all__ = ['load_run', 'plot_curves', 'plot_keys', 'save_figure', 'results_table', 'mean_std', 'markdown_table', 'plot_per_class',
-           'reliability_bins', 'reliability_diagram']
+__all__ = ['load_run', 'plot_curves', 'plot_keys', 'save_figure', 'results_table', 'mean_std', 'per_class_spread', 'run_metrics',
+           'metrics_table', 'markdown_table', 'plot_per_class', 'reliability_bins', 'reliability_diagram']
 
 # %% ../nbs/06_report.ipynb #524d2b46
 def load_run(run) -> dict:
@@ -72,6 +73,24 @@ def mean_std(df: pd.DataFrame, by: list, cols=("best_top1", "last_top1"), scale:
                        index=g[cols[0]].mean().index)
     out["n"] = g[cols[0]].count().values
     return out
+
+# %% ../nbs/06_report.ipynb #d8808607
+def per_class_spread(per_class) -> dict:
+    "Population std and minimum of the per-class accuracies."
+    a = np.asarray(per_class, dtype=float)
+    if a.ndim != 1 or a.size == 0: raise ConfigError(f"per_class must be a non-empty list of accuracies; got shape {a.shape}.")
+    return {"per_class_std": float(a.std()), "per_class_min": float(a.min())}
+
+def run_metrics(res) -> dict:
+    "Top-1 (best, last), ECE and per-class spread of a run (a `FitResult`)."
+    cfg = res.config
+    return {"algorithm": cfg["algorithm"], "num_projectors": cfg.get("num_projectors"), "num_labels": cfg.get("num_labels"),
+            "seed": cfg["seed"], "steps": cfg["num_iters"], "best_top1": res.best_top1, "last_top1": res.last_top1,
+            "ece": res.last_ece, **per_class_spread(res.per_class)}
+
+def metrics_table(results: dict) -> pd.DataFrame:
+    "One row of `run_metrics` per run (`label -> FitResult`), indexed by label."
+    return pd.DataFrame([{"run": k, **run_metrics(r)} for k, r in results.items()]).set_index("run")
 
 # %% ../nbs/06_report.ipynb #d77c6f99
 def markdown_table(df: pd.DataFrame, index: bool = True) -> str:
