@@ -562,9 +562,10 @@ class Run:
     def _open_folder(self, stack: contextlib.ExitStack):
         "Lock the run folder (rank 0), delete partial files, pick the checkpoint to resume from."
         stack.enter_context(run_lock(self.run_dir, enabled=self.denv.is_main))
-        if self.denv.is_main: self.removed_partial = clean_partial_files(self.run_dir)
+        removed = clean_partial_files(self.run_dir) if self.denv.is_main else []
         barrier()
         self.ck, self.ck_path, self.notes = _load_resume(self.cfg, self.run_dir)
+        if removed: self.notes.append(f"deleted {len(removed)} partial file(s) of interrupted writes: {', '.join(removed)}")
         self.changes = {}
         if self.ck is not None:
             self.changes = _check_resumable(self.ck, self.ck_path, self.cfg, self.denv.world_size, self.device.type)
@@ -763,7 +764,7 @@ def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
 
 def _loop(run: Run, stack: contextlib.ExitStack, callbacks) -> FitResult:
     cfg, task, denv = run.cfg, run.task, run.denv
-    for note in run.notes: print(f"ssl_nb: resuming {run.run_dir}: {note}", file=sys.stderr)
+    for note in run.notes: print(f"ssl_nb: {run.run_dir}: {note}", file=sys.stderr)
     run.write_config()
     logger = stack.enter_context(contextlib.closing(MetricLogger(
         run.run_dir, run.device, enabled=denv.is_main, tensorboard=cfg.tensorboard, start=run.step,

@@ -168,6 +168,7 @@ def test_partial_files_of_killed_writes_are_deleted_on_resume(tmp_path):
     for n in (".last.pt.abc.tmp", ".best.pt.def.tmp", ".metrics.jsonl.ghi.tmp"): (tmp_path / n).write_bytes(b"x" * 10)
     fit(dataclasses.replace(cfg, resume=True))
     assert not list(tmp_path.glob(".*.tmp"))
+    assert "deleted 3 partial file(s)" in " ".join(json.loads((tmp_path / "config.json").read_text())["resumes"][-1]["notes"])
 
 
 # 8. what the numbers depend on is recorded; a resume with another CPU thread count sets it back
