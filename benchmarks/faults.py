@@ -80,10 +80,14 @@ def kill_trial(n: int, rng: random.Random, ref: dict, ref_seconds: float, out: P
             sig = signal.SIGINT if (first and n % 4 == 1) or (not first and rng.random() < 0.25) else signal.SIGKILL
             delay = rng.uniform(0.2, ref_seconds * 1.05)
             try:
-                p.wait(timeout=delay)                                   # it finished before the kill
+                p.wait(timeout=delay)
+                sig = None                                              # it finished before the kill
             except subprocess.TimeoutExpired:
                 p.send_signal(sig)
             _, err = p.communicate(timeout=300)
+            if sig is None:                                             # nothing was killed: the next run resumes a finished run
+                t.note = "a run finished before its kill"; kills_left = 0; resume = True; t.restarts += 1
+                continue
             t.kills.append((sig.name, round(time.monotonic() - t0, 2), p.returncode, err.strip().splitlines()[-1:]))
             if sig == signal.SIGINT and p.returncode not in (0, 130, None):
                 t.clean_sigint, t.note = False, f"SIGINT ended with {p.returncode}: {err[-300:]}"
