@@ -12,11 +12,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import CheckpointError, ConfigError, Registry, all_gather_cat, load_checkpoint
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .core import (ALGORITHMS, CheckpointError, ConfigError, DistEnv, Registry, all_gather_cat, is_dist,
+                         load_checkpoint, unwrap)
+from .augment import View, mocov2_view
+from .classify import Features, KNNEvaluator
+from .data import DATASETS, BatchLoader, load_dataset, split_labeled
+from .losses import moco_loss
+from .train import Task, TrainConfig, make_config
 
 # %% auto #0
-__all__ = ['TRUNKS', 'ResNetTrunk', 'create_trunk', 'mocov2_head', 'MoCoEncoder', 'MoCoQueue', 'momentum_update', 'MoCoV2',
-           'EncoderLoad', 'MappedStateDict', 'encoder_state_dict', 'load_encoder', 'build_encoder']
+__all__ = ['TRUNKS', 'STUDENT_WIDTHS', 'IMAGENET_STEPS_PER_EPOCH', 'STUDENT_PRESETS', 'TEACHER_PRESETS', 'LINCLS_EPOCHS',
+           'LINCLS_MILESTONES', 'LINCLS_PRESETS', 'ResNetTrunk', 'create_trunk', 'StudentBackbone', 'mocov2_head',
+           'MoCoEncoder', 'MoCoQueue', 'momentum_update', 'shuffled_embed', 'moco_step', 'MoCoV2', 'EncoderLoad',
+           'MappedStateDict', 'encoder_state_dict', 'load_encoder', 'build_encoder', 'PretrainConfig', 'PooledBackbone',
+           'PretrainTask', 'imagenet_pretrain', 'MoCoV2Config', 'MoCoV2Task', 'lincls_milestones', 'lincls_config',
+           'plot_metric']
 
 # %% ../nbs/mocov2.ipynb #d1b2abc4
 class ResNetTrunk(nn.Module):
@@ -89,6 +102,31 @@ for _name, _spec in _TRUNK_SPECS.items(): TRUNKS.register(_name)(_trunk_builder(
 def create_trunk(arch: str, in_chans: int = 3, **kw) -> ResNetTrunk:
     "A registered trunk: torchvision's `resnet18/34/50/101/152` (ImageNet stem) or a small CIFAR-stem ResNet for the CPU."
     return TRUNKS.get(arch)(in_chans=in_chans, **kw)
+
+# %% ../nbs/mocov2.ipynb #318e35be
+STUDENT_WIDTHS = {"efficientnet_b0": 1280, "efficientnet_b1": 1280, "mobilenetv3_large_100": 1280, "resnet18": 512,
+                  "resnet34": 512, "cifar_resnet10_w16": 128}
+
+class StudentBackbone(nn.Module):
+    """A student trunk returning its last feature map `[B, s_n, h, w]` before pooling: timm's `forward_features` for
+    EfficientNet and ResNet (after EfficientNet's `conv_head`: s_n = 1280), MobileNetV3's pooled 960-d map through its
+    `conv_head` (s_n = 1280 on a 1×1 map, as in the authors' code), or a CIFAR-stem `ResNetTrunk` for the CPU."""
+    def __init__(self, name: str, in_chans: int = 3, **kw):
+        super().__init__()
+        if name not in STUDENT_WIDTHS:
+            raise ConfigError(f"Unknown student {name!r}; known: {', '.join(STUDENT_WIDTHS)}.")
+        self.name, self.num_features = name, STUDENT_WIDTHS[name]
+        if name.startswith("cifar_"): self.trunk, self.kind = create_trunk(name, in_chans, **kw), "trunk"
+        else:
+            import timm
+            self.trunk = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kw)
+            self.kind = "mobilenetv3" if name.startswith("mobilenetv3") else "timm"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.trunk
+        x = t.forward_features(x)
+        if self.kind == "mobilenetv3": x = t.act2(t.norm_head(t.conv_head(t.global_pool(x))))
+        return x
 
 # %% ../nbs/mocov2.ipynb #db75a37f
 def mocov2_head(in_dim: int = 2048, dim: int = 128, hidden: int | None = None, mlp: bool = True) -> nn.Module:
@@ -167,15 +205,49 @@ def momentum_update(target: nn.Module, source: nn.Module, m: float) -> None:
     torch._foreach_mul_(t, m)
     torch._foreach_add_(t, s, alpha=1 - m)
 
+# %% ../nbs/mocov2.ipynb #5a1e0c01
+def shuffled_embed(encoder: nn.Module, x: torch.Tensor, groups: int = 1,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """L2-normalised `encoder(x)` without gradient, with MoCo's ShuffleBN. Under DDP the batches of every process are
+    gathered and permuted by `generator` (which must draw the same permutation on every process), each process
+    encodes its share, and the keys are gathered back and unpermuted. On one process, `groups > 1` permutes the
+    batch and encodes it in `groups` chunks, each with its own BatchNorm statistics; `groups=1` encodes it as it is."""
+    with torch.no_grad():
+        B = x.shape[0]
+        if is_dist():
+            ws, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+            perm = torch.randperm(B * ws, device=x.device, generator=generator)
+            k = F.normalize(encoder(all_gather_cat(x)[perm[rank * B:(rank + 1) * B]]), dim=1)
+            k_all = all_gather_cat(k)
+            return torch.empty_like(k_all).index_copy_(0, perm, k_all)[rank * B:(rank + 1) * B]
+        if groups == 1: return F.normalize(encoder(x), dim=1)
+        if groups < 1 or B % groups:
+            raise ConfigError(f"The key batch {B} must be a multiple of shuffle_groups={groups} (>= 1).")
+        perm = torch.randperm(B, device=x.device, generator=generator)
+        k = torch.cat([F.normalize(encoder(c), dim=1) for c in x[perm].chunk(groups)])
+        return torch.empty_like(k).index_copy_(0, perm, k)
+
+def moco_step(x_q: torch.Tensor, x_k: torch.Tensor, encoder_q: nn.Module, encoder_k: nn.Module, queue: MoCoQueue, *,
+              T: float = 0.2, m: float = 0.999, shuffle_groups: int = 1,
+              generator: torch.Generator | None = None) -> dict:
+    """One MoCo step's contrastive part in `moco/builder.py`'s order (no backward, no optimizer): the queries
+    q = n(encoder_q(x_q)) with gradient; the momentum update of `encoder_k` (tensors it shares with `encoder_q` are
+    skipped; a DDP wrapper around `encoder_q` is looked through); the keys k = n(encoder_k(x_k)) with ShuffleBN
+    (`shuffled_embed`); `l_con = moco_loss(q, k, queue, T)`; then k is enqueued (the loss keeps its own copy of the
+    queue). Returns `q`, `k` and `l_con`."""
+    q = F.normalize(encoder_q(x_q), dim=1)
+    momentum_update(encoder_k, unwrap(encoder_q), m)
+    k = shuffled_embed(encoder_k, x_k, shuffle_groups, generator)
+    l_con = moco_loss(q, k, queue.queue, T)
+    queue.push(k)
+    return {"q": q, "k": k, "l_con": l_con}
+
 # %% ../nbs/mocov2.ipynb #93b4a553
 class MoCoV2(nn.Module):
     """MoCo v2 (`moco/builder.py`): the query encoder, its momentum copy `encoder_k` (no gradient) and the queue.
-    `forward(x_q, x_k) -> (q, k)`: L2-normalised queries, then, without gradient, the momentum update and the keys.
-    The caller computes `moco_loss(q, k, model.queue.queue, T)` and then calls `model.queue.push(k)`.
-
-    `shuffle_groups > 1` emulates ShuffleBN on one process: the key batch is permuted and encoded in that many groups,
-    each with its own BatchNorm statistics (as on that many GPUs), then put back in order. Under DDP each process is
-    one group (the cross-process shuffle is the engine's)."""
+    `forward(x_q, x_k) -> (q, k)`: L2-normalised queries, then, without gradient, the momentum update and the keys
+    (`shuffled_embed` with `shuffle_groups`). The caller computes `moco_loss(q, k, model.queue.queue, T)` and then
+    calls `model.queue.push(k)`."""
     def __init__(self, encoder: MoCoEncoder, K: int = 65536, m: float = 0.999, shuffle_groups: int = 1,
                  queue_generator: torch.Generator | None = None):
         super().__init__()
@@ -186,16 +258,9 @@ class MoCoV2(nn.Module):
         self.queue = MoCoQueue(K, _head_dim(encoder.head), queue_generator)
         self.m, self.shuffle_groups = m, shuffle_groups
 
-    @torch.no_grad()
     def keys(self, x_k: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         "L2-normalised keys of `x_k` from the momentum encoder, encoded in `shuffle_groups` shuffled groups."
-        G = self.shuffle_groups
-        if G == 1: return self.encoder_k.embed(x_k)
-        B = x_k.shape[0]
-        if B % G: raise ConfigError(f"The batch {B} must be a multiple of shuffle_groups={G}.")
-        perm = torch.randperm(B, device=x_k.device, generator=generator)
-        k = torch.cat([self.encoder_k.embed(c) for c in x_k[perm].chunk(G)])
-        return torch.empty_like(k).index_copy_(0, perm, k)
+        return shuffled_embed(self.encoder_k, x_k, self.shuffle_groups, generator)
 
     def forward(self, x_q: torch.Tensor, x_k: torch.Tensor, generator: torch.Generator | None = None):
         q = self.encoder_q.embed(x_q)
@@ -205,7 +270,7 @@ class MoCoV2(nn.Module):
 # %% ../nbs/mocov2.ipynb #138958db
 class EncoderLoad(NamedTuple):
     "What `load_encoder` did: the checkpoint's format, how many tensors it loaded, and the entries it left out on purpose."
-    source: str                   # "moco" (official MoCo-v2 keys), "workbook" (ssl_nb's MoCoV2) or "encoder"
+    source: str                   # "moco" (official MoCo-v2 keys), "workbook" (a mocov2 run or a MoCoV2 state) or "encoder"
     loaded: int
     dropped: dict                 # {"encoder_k": n, "queue": n, "num_batches_tracked (kept as initialised)": n}
 
@@ -230,8 +295,9 @@ class MappedStateDict(NamedTuple):
 
 def encoder_state_dict(ckpt) -> MappedStateDict:
     """Map a checkpoint onto `MoCoEncoder` keys (`backbone.*`, `head.*`): an official MoCo-v2 one
-    (`module.encoder_q.<torchvision resnet>`, `fc` → `head`), a workbook `MoCoV2` one (`encoder_q.backbone.*`, ...)
-    or a bare encoder. The key encoder and the queue are dropped and counted; other keys are kept for the check."""
+    (`module.encoder_q.<torchvision resnet>`, `fc` → `head`), a workbook one (a `mocov2` run's `last.pt`/`best.pt`,
+    or a `MoCoV2` state: `encoder_q.backbone.*`, ...) or a bare encoder. The key encoder and the queue are dropped
+    and counted; other keys are kept for the check."""
     raw = _unwrap_state_dict(ckpt)
     sd = {_strip(k): (k, v) for k, v in raw.items()}
     dropped, out, origin = {"encoder_k": 0, "queue": 0}, {}, {}
@@ -248,6 +314,7 @@ def encoder_state_dict(ckpt) -> MappedStateDict:
                 first, _, rest = k.partition(".")
                 k = f"head.{rest}" if first == "fc" else f"backbone.{k}"
         out[k], origin[k] = v, orig
+    if source == "encoder" and isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt: source = "workbook"
     return MappedStateDict(out, source, {k: n for k, n in dropped.items() if n}, origin)
 
 def _listing(keys, n: int = 6) -> str: return ", ".join(keys[:n]) + (f", … ({len(keys)} in all)" if len(keys) > n else "")
@@ -287,3 +354,246 @@ def build_encoder(arch: str = "resnet50", dim: int = 128, mlp: bool = True, hidd
     enc = MoCoEncoder(trunk, mocov2_head(trunk.num_features, dim, hidden, mlp))
     if checkpoint is not None: enc.load_report = load_encoder(enc, checkpoint, arch)
     return enc
+
+# %% ../nbs/mocov2.ipynb #7c1d2e01
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Self-supervised pre-training with a MoCo queue on a dataset's training images (labels unused), scored by k-NN
+    top-1 on frozen features. Defaults: the embedded CPU default (Fashion-MNIST, 28 px; see the table above)."""
+    dataset: str = "fashion_mnist"
+    net: str = "cifar_resnet18_w32"
+    # MoCo
+    K: int = 4096                          # queue size (MoCo: 65536); a multiple of batch_size / accum_steps
+    m: float = 0.99                        # momentum of the key encoder / mean student (MoCo: 0.999)
+    T: float = 0.2                         # InfoNCE temperature (MoCo v2)
+    shuffle_groups: int = 2                # ShuffleBN on one process: keys encoded in this many shuffled groups
+    # views: MoCo v2's aug_plus
+    crop_size: int | None = None           # None: the image size (ImageNet: 224 out of 256)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    blur_sigma: tuple[float, float] | None = None    # None: MoCo's (0.1, 2.0) scaled by crop_size / 224
+    blur_p: float = 0.5
+    # k-NN evaluation (DINO's weighted vote)
+    knn_k: int = 20
+    knn_T: float = 0.07
+    knn_bank: int | None = 10_000          # class-balanced training images that vote; None: all of them
+    # TrainConfig's defaults, set to MoCo's recipe (scaled for the CPU)
+    batch_size: int = 64
+    num_iters: int = 1000
+    lr: float = 0.06
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    ema_decay: float | None = None         # no EMA of the engine: the key encoder is the method's own
+    eval_every: int = 500
+    ckpt_every: int = 500
+    eval_batch_size: int = 128             # on the CPU smaller batches extract features faster
+
+    def check(self) -> list[str]:
+        errs = super().check()
+        if self.dataset not in DATASETS:
+            errs.append(f"dataset {self.dataset!r} is unknown (known datasets: {', '.join(DATASETS.names())})")
+        for k in ("K", "knn_k", "shuffle_groups"):
+            if getattr(self, k) < 1: errs.append(f"{k} must be >= 1 (got {getattr(self, k)})")
+        if not 0 <= self.m <= 1: errs.append(f"m must be in [0, 1] (got {self.m})")
+        if self.T <= 0 or self.knn_T <= 0: errs.append(f"T and knn_T must be > 0 (got {self.T}, {self.knn_T})")
+        micro = self.batch_size // self.accum_steps
+        if errs or self.batch_size % self.accum_steps: return errs
+        if self.K % micro:
+            errs.append(f"K={self.K} must be a multiple of the global batch of a step, batch_size / accum_steps = {micro} "
+                        f"(MoCo asserts it: a push must not wrap around the queue's end); use K={micro * max(1, self.K // micro)} "
+                        f"or a batch that divides {self.K}")
+        if micro % self.shuffle_groups:
+            errs.append(f"batch_size / accum_steps = {micro} must be a multiple of shuffle_groups={self.shuffle_groups} "
+                        f"(the key batch is encoded in that many shuffled groups)")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1: errs.append(f"crop_scale must be (min, max) with 0 < min <= max <= 1 (got {self.crop_scale})")
+        if self.blur_sigma is not None and not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            errs.append(f"blur_sigma must be (min, max) with 0 < min <= max, or None (got {self.blur_sigma})")
+        if not 0 <= self.blur_p <= 1: errs.append(f"blur_p must be in [0, 1] (got {self.blur_p})")
+        for k in ("knn_bank", "crop_size"):
+            if getattr(self, k) is not None and getattr(self, k) < 1: errs.append(f"{k} must be >= 1 or None")
+        return errs
+
+# %% ../nbs/mocov2.ipynb #7c1d2e02
+class PooledBackbone(nn.Module):
+    "A feature-map module (`forward -> [B, C, h, w]`, `num_features = C`), then global average pooling: `[B, C]`."
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body, self.num_features = body, body.num_features
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return F.adaptive_avg_pool2d(self.body(x), 1).flatten(1)
+
+class PretrainTask(Task):
+    """The queue-based pre-training methods (`mocov2`, `disco`, `retro`): the training images as one stream, two
+    `aug_plus` views per image (made on the device), the trained `model`, the `key_encoder` (MoCo's momentum encoder;
+    DisCo's and Retro's mean student) and the `queue` as task state, an optional frozen `teacher`, and k-NN top-1 of
+    the pooled features as the selection metric. Subclasses give `build_model` and `train_step`."""
+    config_cls: ClassVar[type] = PretrainConfig
+    selection_metric: ClassVar[str] = "knn_top1"
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, cfg: PretrainConfig, dist_env: DistEnv = DistEnv()):
+        train = load_dataset(cfg.dataset, "train", cfg.data_root)
+        test = load_dataset(cfg.dataset, "test", cfg.data_root)
+        if cfg.eval_limit is not None and cfg.eval_limit < len(test): test = test.subset(range(cfg.eval_limit))
+        bank = (train if cfg.knn_bank is None or cfg.knn_bank >= len(train)
+                else train.subset(split_labeled(train.targets, cfg.knn_bank, 0)[0]))    # the same bank for every seed
+        self.train_set, self.test_set, self.in_chans = train, test, train.in_chans
+        size = cfg.crop_size or train.image_size[0]
+        blur = tuple(cfg.blur_sigma) if cfg.blur_sigma is not None else (0.1 * size / 224, 2.0 * size / 224)
+        self.view = mocov2_view(train.mean, train.std, size, scale=tuple(cfg.crop_scale), blur_sigma=blur,
+                                blur_p=cfg.blur_p, channels_last=cfg.channels_last)
+        self.eval_view = View(train.mean, train.std, train=False, crop_size=cfg.crop_size,
+                              channels_last=cfg.channels_last, name="eval")
+        self.knn = KNNEvaluator(bank, test, self.eval_view, cfg.knn_k, cfg.knn_T, cfg.eval_batch_size, cfg.amp,
+                                cfg.num_workers)
+        self.teacher = self.build_teacher(cfg)
+        super().__init__(cfg, dist_env)
+        self.key_encoder = self.build_key_encoder(self.model)
+        self.queue = MoCoQueue(cfg.K, _head_dim(self.model.head), torch.Generator().manual_seed(cfg.seed))
+
+    # what trains, what is frozen, what is state
+    def build_teacher(self, cfg) -> nn.Module | None: return None
+    def build_key_encoder(self, model: nn.Module) -> nn.Module:
+        "MoCo's key encoder: a copy of the whole model, without gradient."
+        return copy.deepcopy(model).requires_grad_(False)
+    def frozen_modules(self) -> dict: return {"teacher": self.teacher} if self.teacher is not None else {}
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        "One group, weight decay on every trainable tensor (MoCo's `SGD(model.parameters(), weight_decay=...)`)."
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": self.cfg.weight_decay,
+                 "lr_scale": 1.0}]
+
+    # data
+    def train_loader(self, device, rank: int = 0, world_size: int = 1):
+        c = self.cfg
+        return BatchLoader({"train": (self.train_set, c.batch_size // (world_size * c.accum_steps))}, c.seed, device,
+                           rank, world_size, c.num_workers)
+
+    def make_inputs(self, batch: dict, generator: torch.Generator) -> dict:
+        x = batch["x_train"]
+        return {"x_q": self.view(x, generator), "x_k": self.view(x, generator)}
+
+    def shuffle_generator(self, device) -> torch.Generator:
+        "This step's ShuffleBN permutation stream: the same on every process, a function of seed and step (so resumable)."
+        return torch.Generator(device).manual_seed(self.cfg.seed * 1_000_003 + self.step + 17)
+
+    # evaluation and probes
+    def feature_model(self, model: nn.Module) -> nn.Module: return Features(unwrap(model))
+    def feature_view(self): return self.eval_view
+    def evaluate(self, model: nn.Module) -> dict: return self.knn(self.feature_model(model))
+    def eval_size(self): return len(self.test_set)
+
+    def describe(self) -> dict:
+        n = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
+        return {"views": {"train": self.view.describe(), "eval": self.eval_view.describe()},
+                "knn": {"bank": len(self.knn.train), "test": len(self.test_set), "k": self.cfg.knn_k, "T": self.cfg.knn_T},
+                "params": {"trainable": n(self.model, True), "model": n(self.model)}}
+
+    # modes and devices
+    def train(self, mode: bool = True):
+        "The model and the key encoder in `mode` (MoCo's key encoder runs with batch statistics); the teacher in eval."
+        self.key_encoder.train(mode)
+        return super().train(mode)
+
+    def to(self, device):
+        super().to(device)
+        if self.cfg.channels_last:
+            for m in (self.key_encoder, self.teacher):
+                if m is not None: m.to(memory_format=torch.channels_last)
+        return self
+
+# %% ../nbs/mocov2.ipynb #7c1d2e04
+IMAGENET_STEPS_PER_EPOCH = 1_281_167 // 256       # 5004: MoCo's loader drops the last, partial batch
+
+def imagenet_pretrain(net: str, epochs: int = 200, **kw) -> dict:
+    "The settings of a MoCo-v2 / DisCo / Retro pre-training on ImageNet (`main_moco.py`, DisCo's `main.py`)."
+    S = IMAGENET_STEPS_PER_EPOCH
+    return dict(dataset="imagenet", net=net, crop_size=224, batch_size=256, lr=0.03, momentum=0.9, weight_decay=1e-4,
+                schedule="cosine", num_iters=epochs * S, K=65536, m=0.999, T=0.2, shuffle_groups=8,
+                blur_sigma=(0.1, 2.0), knn_bank=100_000, eval_every=10 * S, ckpt_every=S, log_every=100,
+                eval_batch_size=512, num_workers=8, **kw)
+
+STUDENT_PRESETS = {"effb0": dict(net="efficientnet_b0"), "mnv3l": dict(net="mobilenetv3_large_100", clip_grad=5.0),
+                   "r18": dict(net="resnet18"), "r34": dict(net="resnet34")}
+TEACHER_PRESETS = {"r50": ("resnet50", 200), "r101": ("resnet101", 200), "r152": ("resnet152", 800)}
+
+@dataclass
+class MoCoV2Config(PretrainConfig):
+    "MoCo v2: the encoder's head (`--mlp`: hidden = the trunk's width by default) and the common pre-training settings."
+    algorithm: str = "mocov2"
+    dim: int = 128                         # embedding size
+    mlp: bool = True                       # MoCo v2's MLP head (False: MoCo v1's Linear)
+    hidden: int | None = None              # the MLP's hidden width; None: the trunk's width
+
+    presets: ClassVar[dict] = {**{f"imagenet-{t}": imagenet_pretrain(net, ep) for t, (net, ep) in TEACHER_PRESETS.items()},
+                               **{f"imagenet-{s}": imagenet_pretrain(**kw) for s, kw in STUDENT_PRESETS.items()}}
+
+    def check(self) -> list[str]:
+        errs = super().check()
+        if self.net not in TRUNKS and self.net not in STUDENT_WIDTHS:
+            errs.append(f"net {self.net!r} is unknown (ResNet trunks: {', '.join(TRUNKS.names())}; students: "
+                        f"{', '.join(STUDENT_WIDTHS)})")
+        if self.dim < 1 or (self.hidden is not None and self.hidden < 1): errs.append("dim and hidden must be >= 1")
+        return errs
+
+@ALGORITHMS.register("mocov2")
+class MoCoV2Task(PretrainTask):
+    "MoCo v2 (arXiv 2003.04297): InfoNCE of the queries against their momentum keys and a queue of past keys."
+    config_cls = MoCoV2Config
+
+    def build_model(self) -> MoCoEncoder:
+        c = self.cfg
+        if c.net in TRUNKS: return build_encoder(c.net, c.dim, c.mlp, c.hidden, self.in_chans)
+        backbone = PooledBackbone(StudentBackbone(c.net, self.in_chans))
+        return MoCoEncoder(backbone, mocov2_head(backbone.num_features, c.dim, c.hidden, c.mlp))
+
+    def train_step(self, batch: dict) -> dict:
+        c = self.cfg
+        out = moco_step(batch["x_q"], batch["x_k"], self.model, self.key_encoder, self.queue, T=c.T, m=c.m,
+                        shuffle_groups=c.shuffle_groups, generator=self.shuffle_generator(batch["x_k"].device))
+        return {"loss": out["l_con"], "pos_sim": (out["q"].detach().float() * out["k"].float()).sum(1).mean()}
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["params"].update(trunk=sum(p.numel() for p in self.model.backbone.parameters()),
+                           head=sum(p.numel() for p in self.model.head.parameters()))
+        return d
+
+# %% ../nbs/mocov2.ipynb #7c1d2e08
+LINCLS_EPOCHS = 100
+LINCLS_MILESTONES = (5, 10, 15, 20, 25, 30, 35, 40, 45, 60, 80)     # epochs where main_lincls.py halves the lr
+LINCLS_PRESETS = {
+    "cpu": dict(batch_size=256, lr=1.0, num_iters=2000, eval_every=500, ckpt_every=500, eval_batch_size=128),
+    "imagenet": dict(batch_size=256, lr=3.0, num_iters=LINCLS_EPOCHS * IMAGENET_STEPS_PER_EPOCH,
+                     eval_every=5 * IMAGENET_STEPS_PER_EPOCH, ckpt_every=IMAGENET_STEPS_PER_EPOCH, num_workers=8),
+}
+
+def lincls_milestones(num_iters: int) -> tuple[int, ...]:
+    "The steps where `main_lincls.py`'s schedule halves the lr, at the same fractions of `num_iters` as its epochs."
+    return tuple(sorted({round(num_iters * e / LINCLS_EPOCHS) for e in LINCLS_MILESTONES} - {0}))
+
+def lincls_config(source, preset: str = "cpu", **overrides):
+    """The `linear_probe` config of `main_lincls.py`'s protocol for the run that wrote checkpoint `source`: one Linear
+    on the frozen pooled features (no feature norm: exactly two trainable tensors), SGD momentum 0.9, no weight
+    decay, the lr halved at `lincls_milestones(num_iters)`. `preset`: "cpu" or "imagenet" (`LINCLS_PRESETS`)."""
+    if preset not in LINCLS_PRESETS: raise ConfigError(f"preset={preset!r}; use one of {tuple(LINCLS_PRESETS)}.")
+    kw = {**LINCLS_PRESETS[preset], **overrides}
+    kw.setdefault("lr_milestones", lincls_milestones(kw["num_iters"]))
+    return make_config("linear_probe", **{**dict(source=str(source), feature_norm=False, momentum=0.9, nesterov=False,
+                                                 weight_decay=0.0, schedule="step", lr_gamma=0.5), **kw})
+
+# %% ../nbs/mocov2.ipynb #7c1d2e11
+def plot_metric(runs: dict, key: str, ax=None, title: str | None = None, kind: str | None = None):
+    "Plot `key` against the step for each run (`label -> run folder or FitResult`); `kind`: 'eval', 'train' or auto."
+    import matplotlib.pyplot as plt
+    from ssl_nb.train import read_metrics
+    ax = ax or plt.subplots(figsize=(5, 3.2))[1]
+    for label, run in runs.items():
+        rows = read_metrics(getattr(run, "run_dir", run))
+        for k in ([kind] if kind else ["eval", "train"]):
+            pts = [(r["step"], r[key]) for r in rows if r["kind"] == k and key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 15 else None, ms=3, label=label)
+                break
+    ax.set_xlabel("step"); ax.set_title(title or key); ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]: ax.legend(fontsize=8)
+    return ax

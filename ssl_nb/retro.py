@@ -5,20 +5,27 @@
 # %% ../nbs/retro.ipynb #667b0d79
 from __future__ import annotations
 import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import ConfigError
+from .core import ALGORITHMS, CheckpointError, ConfigError, DistEnv, load_checkpoint, unwrap
+from .classify import Features, extract_features, knn_accuracy
 from .losses import DISTILL_REDUCTIONS, embedding_distill_loss, moco_loss
-from .mocov2 import MoCoEncoder, MoCoQueue, build_encoder, create_trunk, momentum_update
+from .mocov2 import (STUDENT_PRESETS, STUDENT_WIDTHS, TEACHER_PRESETS, TRUNKS, MoCoEncoder, MoCoQueue,
+                           PretrainConfig, PretrainTask, StudentBackbone, _head_dim, build_encoder, create_trunk,
+                           encoder_state_dict, imagenet_pretrain, moco_step, momentum_update)
 from .models import ClassifierModel
 
 # %% auto #0
-__all__ = ['ADAPTER_KINDS', 'STUDENT_WIDTHS', 'SimKDBottleneck', 'make_adapter', 'StudentBackbone', 'RetroStudent',
-           'build_retro_student', 'disco_head', 'DisCoStudent', 'build_disco_student', 'FrozenTeacher', 'build_teacher',
-           'make_mean_student', 'update_mean_student', 'distill_step', 'LinearEval', 'param_counts']
+__all__ = ['ADAPTER_KINDS', 'SimKDBottleneck', 'make_adapter', 'RetroStudent', 'build_retro_student', 'disco_head',
+           'DisCoStudent', 'build_disco_student', 'FrozenTeacher', 'build_teacher', 'load_teacher', 'make_mean_student',
+           'update_mean_student', 'distill_step', 'LinearEval', 'param_counts', 'DistillConfig', 'code_switches',
+           'DistillTask', 'DisCoConfig', 'DisCo', 'RetroConfig', 'Retro']
 
 # %% ../nbs/retro.ipynb #ef0cbd27
 ADAPTER_KINDS = ("ir", "simkd")
@@ -43,31 +50,6 @@ def make_adapter(s_n: int, t_n: int = 2048, exp_ratio: float = 2, kind: str = "i
     try: act_layer = get_act_layer(act)
     except Exception as e: raise ConfigError(f"act={act!r} is not a timm activation; use 'silu', 'hard_mish' or 'hard_swish'.") from e
     return InvertedResidual(s_n, t_n, exp_ratio=exp_ratio, act_layer=act_layer)
-
-# %% ../nbs/retro.ipynb #318e35be
-STUDENT_WIDTHS = {"efficientnet_b0": 1280, "efficientnet_b1": 1280, "mobilenetv3_large_100": 1280, "resnet18": 512,
-                  "resnet34": 512, "cifar_resnet10_w16": 128}
-
-class StudentBackbone(nn.Module):
-    """A student trunk returning its last feature map `[B, s_n, h, w]` before pooling: timm's `forward_features` for
-    EfficientNet and ResNet (after EfficientNet's `conv_head`: s_n = 1280), MobileNetV3's pooled 960-d map through its
-    `conv_head` (s_n = 1280 on a 1×1 map, as in the authors' code), or a CIFAR-stem `ResNetTrunk` for the CPU."""
-    def __init__(self, name: str, in_chans: int = 3, **kw):
-        super().__init__()
-        if name not in STUDENT_WIDTHS:
-            raise ConfigError(f"Unknown student {name!r}; known: {', '.join(STUDENT_WIDTHS)}.")
-        self.name, self.num_features = name, STUDENT_WIDTHS[name]
-        if name.startswith("cifar_"): self.trunk, self.kind = create_trunk(name, in_chans, **kw), "trunk"
-        else:
-            import timm
-            self.trunk = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kw)
-            self.kind = "mobilenetv3" if name.startswith("mobilenetv3") else "timm"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.trunk
-        x = t.forward_features(x)
-        if self.kind == "mobilenetv3": x = t.act2(t.norm_head(t.conv_head(t.global_pool(x))))
-        return x
 
 # %% ../nbs/retro.ipynb #38880a66
 def _in_features(head: nn.Module) -> int:
@@ -148,6 +130,41 @@ def build_teacher(arch: str = "resnet50", checkpoint=None, dim: int = 128, mlp: 
     its load report is `teacher.encoder.load_report`). Without a checkpoint the teacher is random: tests only."""
     return FrozenTeacher(build_encoder(arch, dim, mlp, hidden, in_chans, checkpoint, **trunk_kw), bn_train)
 
+# %% ../nbs/retro.ipynb #a0f8a26a
+def load_teacher(checkpoint, arch: str = "auto", in_chans: int = 3, bn_train: bool = False) -> FrozenTeacher:
+    """A `FrozenTeacher` from a local checkpoint: an official MoCo-v2 file (`module.encoder_q.*` and its `arch`), a
+    workbook `mocov2` run's `last.pt`/`best.pt` (its config names the trunk) or an encoder state (give `arch`). The
+    head's shape is read from the weights; every key is checked (`load_encoder`). `teacher.arch` and
+    `teacher.source` record what was loaded, `teacher.encoder.load_report` how."""
+    path = Path(checkpoint).expanduser()
+    ck = load_checkpoint(path)
+    cfg = ck.get("config") if isinstance(ck, dict) else None
+    if isinstance(cfg, dict) and cfg.get("algorithm") not in (None, "mocov2"):
+        raise CheckpointError(f"{path} is a {cfg.get('algorithm')!r} run; a teacher comes from a MoCo-v2 checkpoint or a "
+                              f"workbook 'mocov2' run.")
+    sd = encoder_state_dict(ck).state_dict
+    if "head.0.weight" in sd and "head.2.weight" in sd:
+        mlp, hidden, dim = True, sd["head.0.weight"].shape[0], sd["head.2.weight"].shape[0]
+    elif "head.weight" in sd: mlp, hidden, dim = False, None, sd["head.weight"].shape[0]
+    else: raise CheckpointError(f"{path} holds no MoCo projection head (fc.0/fc.2 or head.0/head.2 weights): it is not "
+                                f"a MoCo-v2 encoder.")
+    found = (cfg or {}).get("net") or (ck.get("arch") if isinstance(ck.get("arch"), str) else None)
+    if arch == "auto":
+        if not found: raise ConfigError(f"{path} does not name its ResNet; set teacher_arch to one of {TRUNKS.names()}.")
+        arch = found
+    elif found and found != arch:
+        raise CheckpointError(f"{path} holds a {found!r} encoder, but the teacher was asked to be {arch!r}: use "
+                              f"teacher_arch={found!r} (or 'auto').")
+    if arch not in TRUNKS: raise ConfigError(f"The teacher must be a ResNet trunk ({', '.join(TRUNKS.names())}); {path} "
+                                             f"holds {arch!r}.")
+    w = sd.get("backbone.conv1.weight")
+    if w is not None and w.shape[1] != in_chans:
+        raise CheckpointError(f"{path}'s teacher reads {w.shape[1]}-channel images and the dataset has {in_chans}: "
+                              f"train the teacher on this dataset (the 'mocov2' method) or pick a matching dataset.")
+    teacher = build_teacher(arch, ck, dim, mlp, hidden, in_chans, bn_train)
+    teacher.arch, teacher.source = arch, str(path)
+    return teacher
+
 # %% ../nbs/retro.ipynb #05d33380
 def make_mean_student(student: nn.Module) -> nn.Module:
     """The mean student (MoCo's key encoder), without gradient. Retro: a copy of the backbone only; the adapter and
@@ -166,31 +183,31 @@ def update_mean_student(mean: nn.Module, student: nn.Module, m: float = 0.999) -
 def distill_step(x_q: torch.Tensor, x_k: torch.Tensor, student: nn.Module, mean_student: nn.Module,
                  teacher: FrozenTeacher | None, queue: MoCoQueue, *, T: float = 0.2, m: float = 0.999,
                  cross_view: bool = False, cons_reduction: str = "sum_ref32", w_con: float = 1.0,
-                 w_cons: float = 1.0, generator: torch.Generator | None = None) -> dict:
-    """The losses of one DisCo / Retro / student-alone step, in the reference order (no backward, no optimizer):
-    q = student(x_q); the mean student's EMA update; k = mean_student(x_k) and the teacher's t_q, t_k, without
-    gradient; `l_con = moco_loss(q, k, queue, T)`; `l_cons = embedding_distill_loss(q, s_k, t_q, t_k)` with
-    s_k = student(x_k), or q itself when `cross_view` (Retro's code, bug B1: it then also runs the student on x_q once
-    more and discards the result, which only moves BN statistics, as the code does); then k is enqueued.
-    `teacher=None` (the student alone) gives l_cons = 0. Returns `loss = w_con·l_con + w_cons·l_cons`, the two terms
-    (detached) and the keys."""
+                 w_cons: float = 1.0, shuffle_groups: int = 1, generator: torch.Generator | None = None) -> dict:
+    """The losses of one DisCo / Retro / student-alone step, in the reference order (no backward, no optimizer).
+    The contrastive part is `moco_step`: q = n(student(x_q)), the mean student's EMA update (shared tensors skipped),
+    the keys k = n(mean_student(x_k)) with ShuffleBN (`shuffle_groups`, `generator`), `l_con`, and the push of k.
+    Then the teacher's t_q, t_k (no gradient) and `l_cons = embedding_distill_loss(q, s_k, t_q, t_k)` with
+    s_k = student(x_k), or q itself when `cross_view` (Retro's code, bug B1: it also runs the student on x_q once more
+    and discards the result, which only moves BN statistics). `teacher=None` (the student alone): l_cons = 0.
+    `student` may be wrapped in DDP. Returns `loss = w_con·l_con + w_cons·l_cons`, the two terms (detached), the keys
+    `k` and, with a teacher, `cos_t`: the mean cosine between q and t_q."""
     if cons_reduction not in DISTILL_REDUCTIONS:
         raise ConfigError(f"cons_reduction={cons_reduction!r}; use one of {DISTILL_REDUCTIONS}.")
-    q = student(x_q)
-    with torch.no_grad():
-        update_mean_student(mean_student, student, m)
-        k = mean_student(x_k)
-        t_q, t_k = (teacher(x_q), teacher(x_k)) if teacher is not None else (None, None)
-    l_con = moco_loss(q, k, queue.queue, T)
+    con = moco_step(x_q, x_k, student, mean_student, queue, T=T, m=m, shuffle_groups=shuffle_groups,
+                    generator=generator)
+    q, l_con, extra = con["q"], con["l_con"], {}
     if teacher is None: l_cons = torch.zeros((), device=q.device)
     else:
+        with torch.no_grad(): t_q, t_k = teacher(x_q), teacher(x_k)
         if cross_view:
             with torch.no_grad(): student(x_q)                    # the code's discarded forward (BN statistics only)
             s_k = q
         else: s_k = student(x_k)
         l_cons = embedding_distill_loss(q, s_k, t_q, t_k, cons_reduction)
-    queue.push(k)
-    return {"loss": w_con * l_con + w_cons * l_cons, "l_con": l_con.detach(), "l_cons": l_cons.detach(), "k": k}
+        extra["cos_t"] = (q.detach().float() * t_q.float()).sum(1).mean()
+    return {"loss": w_con * l_con + w_cons * l_cons, "l_con": l_con.detach(), "l_cons": l_cons.detach(),
+            "k": con["k"], **extra}
 
 # %% ../nbs/retro.ipynb #1c8e49ba
 class LinearEval(ClassifierModel):
@@ -223,3 +240,177 @@ def param_counts(student: nn.Module) -> dict:
                trainable=sum(p.numel() for p in student.parameters() if p.requires_grad))
     out["deployed"] = out["backbone"] + out["adapter"]
     return out
+
+# %% ../nbs/retro.ipynb #5fdf6780
+@dataclass
+class DistillConfig(PretrainConfig):
+    """Embedding distillation from a frozen MoCo-v2 `teacher` (required: a MoCo-v2 checkpoint or a workbook `mocov2`
+    run's last.pt / best.pt) into a student trained with MoCo v2 against its mean student. CPU default: the student
+    `cifar_resnet10_w16` on Fashion-MNIST, the rest as `PretrainConfig`."""
+    net: str = "cifar_resnet10_w16"
+    teacher: str = ""
+    teacher_arch: str = "auto"             # "auto": the run's config or the checkpoint's `arch`
+    teacher_bn_train: bool = False         # True: the code's teacher BatchNorm in train mode (C4)
+    cons_reduction: str = "sum_ref32"      # "sum" (the code, per GPU of 32), "sum_ref32" (sum / B × 32), "mean"
+    w_con: float = 1.0                     # weight of the InfoNCE term
+    w_cons: float = 1.0                    # weight of the consistency term
+
+    presets: ClassVar[dict] = {f"imagenet-{s}-{t}": imagenet_pretrain(**skw, teacher_arch=tnet)
+                               for s, skw in STUDENT_PRESETS.items() for t, (tnet, _) in TEACHER_PRESETS.items()}
+
+    def check(self) -> list[str]:
+        errs = super().check()
+        if not self.teacher:
+            errs.append("teacher must name the teacher's checkpoint: a MoCo-v2 file (module.encoder_q.*) or a workbook "
+                        "'mocov2' run's last.pt / best.pt")
+        elif not Path(self.teacher).expanduser().is_file(): errs.append(f"teacher {self.teacher!r} is not a file")
+        if self.net not in STUDENT_WIDTHS: errs.append(f"net {self.net!r} is not a student ({', '.join(STUDENT_WIDTHS)})")
+        if self.teacher_arch != "auto" and self.teacher_arch not in TRUNKS:
+            errs.append(f"teacher_arch {self.teacher_arch!r} is not a ResNet trunk ({', '.join(TRUNKS.names())}) or 'auto'")
+        if self.cons_reduction not in DISTILL_REDUCTIONS:
+            errs.append(f"cons_reduction must be one of {DISTILL_REDUCTIONS} (got {self.cons_reduction!r})")
+        if self.w_con < 0 or self.w_cons < 0: errs.append("w_con and w_cons must be >= 0")
+        return errs
+
+def code_switches(cfg) -> dict:
+    "The two behaviours of the authors' code in effect for `cfg` (`faithful_to_code` turns both on)."
+    faithful = getattr(cfg, "faithful_to_code", False)
+    return {"retro_cross_view": bool(getattr(cfg, "retro_cross_view", False) or faithful),
+            "teacher_bn_train": bool(cfg.teacher_bn_train or faithful)}
+
+class _FeaturesAndEmbedding(nn.Module):
+    "A student's pooled features and its L2-normalised embedding in one pass: `[B, num_features + dim]`."
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+    def forward(self, x):
+        f = self.student.features(x)
+        return torch.cat([f.float(), F.normalize(self.student.head(f).float(), dim=1)], 1)
+
+class DistillTask(PretrainTask):
+    """DisCo and Retro on the engine: the frozen teacher (rebuilt from `cfg.teacher` in `__init__`), the student (the
+    trained model), the mean student and the queue (task state), `distill_step`, and k-NN top-1 plus the cosine of
+    the student's to the teacher's test embeddings as evaluation."""
+    config_cls: ClassVar[type] = DistillConfig
+
+    def build_teacher(self, cfg) -> FrozenTeacher:
+        self.switches = code_switches(cfg)
+        self._teacher_test = None                  # the teacher's test embeddings (computed once unless its BN trains)
+        return load_teacher(cfg.teacher, cfg.teacher_arch, self.in_chans, self.switches["teacher_bn_train"])
+
+    def build_key_encoder(self, model: nn.Module) -> nn.Module: return make_mean_student(model)
+
+    def train(self, mode: bool = True):
+        "Student and mean student in `mode`; the teacher in eval mode, or in `mode` with `teacher_bn_train`."
+        super().train(mode)
+        if self.switches["teacher_bn_train"]: self.teacher.train(mode)
+        return self
+
+    def state_dict(self) -> dict:
+        "The mean student and the queue; with `teacher_bn_train` also the teacher's drifting BN statistics (not weights)."
+        sd = super().state_dict()
+        if self.switches["teacher_bn_train"]:
+            sd["teacher_bn"] = {k: v.detach() for k, v in self.teacher.named_buffers()}
+        return sd
+
+    def load_state_dict(self, sd: dict):
+        sd = dict(sd)
+        bn = sd.pop("teacher_bn", None)
+        if (bn is not None) != self.switches["teacher_bn_train"]:
+            raise CheckpointError(f"The checkpoint was written with teacher_bn_train={bn is not None}, this run has "
+                                  f"{self.switches['teacher_bn_train']}: resume with the same switches.")
+        super().load_state_dict(sd)
+        if bn is not None:
+            own = dict(self.teacher.named_buffers())
+            if set(own) != set(bn): raise CheckpointError("The checkpoint's teacher statistics do not fit this teacher.")
+            with torch.no_grad():
+                for k, v in bn.items(): own[k].copy_(v)
+
+    def train_step(self, batch: dict) -> dict:
+        c = self.cfg
+        out = distill_step(batch["x_q"], batch["x_k"], self.model, self.key_encoder, self.teacher, self.queue, T=c.T,
+                           m=c.m, cross_view=self.switches["retro_cross_view"], cons_reduction=c.cons_reduction,
+                           w_con=c.w_con, w_cons=c.w_cons, shuffle_groups=c.shuffle_groups,
+                           generator=self.shuffle_generator(batch["x_k"].device))
+        return {k: out[k] for k in ("loss", "l_con", "l_cons", "cos_t")}
+
+    def teacher_embeddings(self) -> torch.Tensor:
+        "The teacher's L2-normalised embeddings of the test images (eval mode), on the CPU."
+        c = self.cfg
+        if self._teacher_test is None or self.switches["teacher_bn_train"]:
+            self._teacher_test = extract_features(self.teacher, self.test_set, self.eval_view, c.eval_batch_size,
+                                                  None, c.amp, c.num_workers)
+        return self._teacher_test
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict:
+        "k-NN top-1 of the pooled features; `cos_teacher`: mean cos(student, teacher) embedding of the test images."
+        c, student = self.cfg, unwrap(model)
+        kw = dict(batch_size=c.eval_batch_size, amp=c.amp, num_workers=c.num_workers)
+        bank = extract_features(Features(student), self.knn.train, self.eval_view, **kw)
+        both = extract_features(_FeaturesAndEmbedding(student), self.test_set, self.eval_view, **kw)
+        feats, emb = both[:, :student.num_features], both[:, student.num_features:]
+        cos = (emb * self.teacher_embeddings()).sum(1)
+        return {"knn_top1": knn_accuracy(bank, self.knn.train.targets, feats, self.test_set.targets, c.knn_k, c.knn_T,
+                                         self.knn.train.num_classes),
+                "cos_teacher": float(cos.mean()), "cos_per_image": cos}
+
+    def describe(self) -> dict:
+        d = super().describe()
+        t, n = self.teacher, lambda m: sum(p.numel() for p in m.parameters())
+        rep = t.encoder.load_report
+        d["teacher"] = {"source": t.source, "arch": t.arch, "format": rep.source, "loaded_tensors": rep.loaded,
+                        "dropped": rep.dropped, "trunk_params": n(t.encoder.backbone), "head_params": n(t.head)}
+        d["params"].update(param_counts(self.model))
+        d["code_switches"] = self.switches
+        return d
+
+# %% ../nbs/retro.ipynb #5fdf6782
+@dataclass
+class DisCoConfig(DistillConfig):
+    "DisCo: the student's own head (trained, discarded after pre-training)."
+    algorithm: str = "disco"
+    head_hidden: int | None = None         # None: the teacher's feature width (2048 for ResNet-50: DisCo's head)
+
+    def check(self) -> list[str]:
+        errs = super().check()
+        if self.head_hidden is not None and self.head_hidden < 1: errs.append("head_hidden must be >= 1 or None")
+        return errs
+
+@ALGORITHMS.register("disco")
+class DisCo(DistillTask):
+    "DisCo (ECCV 2022): MoCo v2 against the mean student plus consistency to a frozen teacher; the student's own head."
+    config_cls = DisCoConfig
+
+    def build_model(self) -> DisCoStudent:
+        c, head = self.cfg, self.teacher.head
+        return build_disco_student(c.net, hidden=c.head_hidden or _in_features(head), dim=_head_dim(head),
+                                   in_chans=self.in_chans)
+
+@dataclass
+class RetroConfig(DistillConfig):
+    "Retro: the teacher's frozen head reused through a trainable dimension adapter; the code's switches."
+    algorithm: str = "retro"
+    adapter_kind: str = "ir"               # timm InvertedResidual ("ir") or SimKD's bottleneck ("simkd")
+    adapter_act: str = "silu"              # a timm activation; MobileNetV3 presets: "hard_mish" (the code)
+    adapter_exp_ratio: float = 2.0
+    retro_cross_view: bool = False         # True: the code's consistency ‖t_k − q‖² (bug B1)
+    faithful_to_code: bool = False         # True: retro_cross_view and teacher_bn_train as the code runs them
+
+    presets: ClassVar[dict] = {f"imagenet-mnv3l-{t}": {"adapter_act": "hard_mish"} for t in TEACHER_PRESETS}
+
+    def check(self) -> list[str]:
+        errs = super().check()
+        if self.adapter_kind not in ADAPTER_KINDS: errs.append(f"adapter_kind must be one of {ADAPTER_KINDS}")
+        if self.adapter_exp_ratio <= 0: errs.append("adapter_exp_ratio must be > 0")
+        return errs
+
+@ALGORITHMS.register("retro")
+class Retro(DistillTask):
+    "Retro (arXiv 2405.15311): DisCo with the teacher's frozen head reused through a trainable adapter."
+    config_cls = RetroConfig
+
+    def build_model(self) -> RetroStudent:
+        c = self.cfg
+        return build_retro_student(c.net, self.teacher.head, c.adapter_exp_ratio, c.adapter_kind, c.adapter_act,
+                                   in_chans=self.in_chans)
