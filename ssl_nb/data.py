@@ -526,10 +526,20 @@ class _Stream:
                                            pin_memory=self.device.type == "cuda"))
             out = {k: t.to(self.device, non_blocking=True) for k, t in next(self._it).items()}
         else:
-            idx = next(self.sampler).to(self.device, non_blocking=True)
-            out = {k: v.index_select(0, idx) for k, v in self.fields.items()} | {"idx": idx}
+            out = self.gather(self.next_index().to(self.device, non_blocking=True))
+            return out
         self.state = _advance(self.state, self.sampler.n, self.sampler.global_batch)
         return out
+
+    def next_index(self) -> torch.Tensor:
+        "The positions of the next batch (an int64 tensor on the CPU) of an in-memory stream; advances its state."
+        idx = next(self.sampler)
+        self.state = _advance(self.state, self.sampler.n, self.sampler.global_batch)
+        return idx
+
+    def gather(self, idx: torch.Tensor) -> dict:
+        "The fields of the samples at positions `idx` (on the device), and `idx`."
+        return {k: v.index_select(0, idx) for k, v in self.fields.items()} | {"idx": idx}
 
     def close(self): self._it = None                       # drops the workers and what they prefetched
 
@@ -554,6 +564,20 @@ class BatchLoader:
     def __iter__(self): return self
     def __next__(self) -> dict:
         return {f"{k}_{name}": v for name, s in self._streams.items() for k, v in next(s).items()}
+
+    @property
+    def in_memory(self) -> bool:
+        "Whether every stream is held in memory (then `next_indices` and `gather` can replace `next`)."
+        return not any(s.lazy for s in self._streams.values())
+
+    def next_indices(self) -> dict:
+        "The next batch's positions of every stream (CPU int64 tensors), without gathering them: in-memory streams only."
+        if not self.in_memory: raise ConfigError("next_indices needs in-memory streams; file-backed ones are read by workers.")
+        return {name: s.next_index() for name, s in self._streams.items()}
+
+    def gather(self, indices: dict) -> dict:
+        "The batch at `indices` (stream name -> positions on the device): what `next` returns for them."
+        return {f"{k}_{name}": v for name, s in self._streams.items() for k, v in s.gather(indices[name]).items()}
 
     def state_dict(self) -> dict:
         "The samplers' states for the next batch the caller receives (plain ints)."
