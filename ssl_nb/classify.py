@@ -233,6 +233,7 @@ class Supervised(Algorithm):
     "Supervised-only baseline: cross-entropy on the labeled weak view."
     config_cls = SSLDataConfig
     views = {"x_lb": ("lb", "weak")}
+    graph_safe = True
 
     def train_step(self, batch):
         logits, = self.forward(batch["x_lb"])

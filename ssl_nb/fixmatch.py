@@ -30,6 +30,7 @@ class FixMatch(Algorithm):
     "FixMatch (arXiv 2001.07685): confident weak-view pseudo-labels supervise the strong view."
     config_cls = FixMatchConfig
     views = {"x_lb": ("lb", "weak"), "x_ulb_w": ("ulb", "weak"), "x_ulb_s": ("ulb", "strong")}
+    graph_safe = True        # the same kernels every step (FlexMatch's threshold included): graph_step can capture it
 
     def __init__(self, cfg, num_classes, num_lb, num_ulb, *args, **kwargs):
         super().__init__(cfg, num_classes, num_lb, num_ulb, *args, **kwargs)

@@ -21,7 +21,7 @@ from .models import param_groups
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'OPTIMIZERS', 'cos7pi16', 'cosine', 'step', 'constant', 'lr_factor', 'TrainConfig', 'presets_of',
-           'preset_overrides', 'make_config', 'schedule_factor', 'set_lr', 'build_optimizer', 'EMA', 'Task',
+           'preset_overrides', 'make_config', 'schedule_factor', 'set_lr', 'lr_on', 'build_optimizer', 'EMA', 'Task',
            'MetricLogger', 'read_metrics', 'default_run_dir', 'Run', 'FitResult', 'fit']
 
 # %% ../nbs/05_train.ipynb #ce736d68
@@ -98,6 +98,8 @@ class TrainConfig:
     amp: bool = True                      # bf16 autocast on CUDA (CPU runs stay fp32)
     channels_last: bool = True            # NHWC activations (faster on CUDA and on CPU)
     compile: bool = False
+    graph_step: bool = False              # the whole step on static buffers, replayed as one CUDA graph (see below)
+    num_threads: int | None = None        # CPU threads (torch.set_num_threads); None: torch's default
     sync_bn: bool = True                  # SyncBatchNorm under multi-GPU DDP (as USB)
     num_workers: int = 8                  # only for file-backed datasets (ImageNet folders, AVSBench)
     run_dir: str | None = None            # None: runs/<algorithm>-<dataset>[-<num_labels>]-s<seed>
@@ -128,6 +130,7 @@ class TrainConfig:
                 if v is not None and not (lo <= v < hi if k == "ema_decay" else lo < v <= hi):
                     errs.append(f"{k} must be in {'[0, 1)' if k == 'ema_decay' else '(0, 1]'} or None (got {v})")
             if self.clip_grad is not None and self.clip_grad <= 0: errs.append(f"clip_grad must be > 0 or None (got {self.clip_grad})")
+            if self.num_threads is not None and self.num_threads < 1: errs.append(f"num_threads must be >= 1 or None (got {self.num_threads})")
             if not 0 <= self.min_lr <= self.lr: errs.append(f"min_lr must be in [0, lr] (got {self.min_lr})")
             if self.lr_gamma <= 0: errs.append(f"lr_gamma must be > 0 (got {self.lr_gamma})")
             if list(self.lr_milestones) != sorted(set(self.lr_milestones)) or any(m <= 0 for m in self.lr_milestones):
@@ -212,16 +215,29 @@ def schedule_factor(cfg: TrainConfig, step: int) -> float:
                      **kw.get(cfg.schedule, dict)())
 
 def set_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> float:
-    "Set every group's lr for `step` (`cfg.lr × lr_scale × factor`); returns the base lr."
+    "Set every group's lr for `step` (`cfg.lr × lr_scale × factor`; a tensor lr is filled in place); returns the base lr."
     f = schedule_factor(cfg, step)
-    for g in opt.param_groups: g["lr"] = cfg.lr * g.get("lr_scale", 1.0) * f
+    for g in opt.param_groups:
+        v = cfg.lr * g.get("lr_scale", 1.0) * f
+        if torch.is_tensor(g["lr"]): g["lr"].fill_(v)
+        else: g["lr"] = v
     return cfg.lr * f
 
-def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
-    "SGD or AdamW over `groups` (each may carry an `lr_scale`); the lr is set per step by `set_lr`."
+def lr_on(opt: torch.optim.Optimizer, device=None) -> torch.optim.Optimizer:
+    "Every group's lr as a 0-dim tensor on `device` (what a captured step reads), or as a float when `device` is None."
+    for g in opt.param_groups:
+        v = float(g["lr"])
+        g["lr"] = torch.tensor(v, dtype=torch.float32, device=device) if device is not None else v
+    return opt
+
+def build_optimizer(groups: list[dict], cfg: TrainConfig, device=None) -> torch.optim.Optimizer:
+    """SGD or AdamW over `groups` (each may carry an `lr_scale`); the lr is set per step by `set_lr`. On CUDA the fused
+    implementation (one kernel per group), on the CPU PyTorch's default one."""
+    fused = True if device is not None and torch.device(device).type == "cuda" else None
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
 
 # %% ../nbs/05_train.ipynb #20f1d6a7
 class EMA:
@@ -234,12 +250,23 @@ class EMA:
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
+    def _lists(self, model: nn.Module):
+        "(EMA params, trained params), (EMA buffers, buffers): built once per (EMA module, model) pair."
+        src = unwrap(model)
+        if getattr(self, "_key", None) != (id(self.module), id(src)):
+            ps = [(e, p) for e, p in zip(self.module.parameters(), src.parameters()) if p.requires_grad]
+            self._cache = ([e for e, _ in ps], [p for _, p in ps]), (list(self.module.buffers()), list(src.buffers()))
+            self._key = (id(self.module), id(src))
+        return self._cache
+
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int):
-        pairs = [(e, p.detach()) for e, p in zip(self.module.parameters(), unwrap(model).parameters()) if p.requires_grad]
-        if pairs: torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - self.decay_at(step))
-        ema_b, src_b = list(self.module.buffers()), list(unwrap(model).buffers())
+    def lerp_(self, model: nn.Module, weight):
+        "`ema += weight · (param - ema)` for the trained parameters, buffers copied; `weight` a float or a 0-dim tensor."
+        (ema_p, src_p), (ema_b, src_b) = self._lists(model)
+        if ema_p: torch._foreach_lerp_(ema_p, src_p, weight)
         if ema_b: torch._foreach_copy_(ema_b, src_b)
+
+    def update(self, model: nn.Module, step: int): self.lerp_(model, 1.0 - self.decay_at(step))
 
 # %% ../nbs/05_train.ipynb #73092adc
 class Task:
@@ -247,6 +274,7 @@ class Task:
     config_cls: ClassVar[type] = TrainConfig
     selection_metric: ClassVar[str] = "top1"       # the metric of `evaluate` that picks best.pt
     higher_is_better: ClassVar[bool] = True
+    graph_safe: ClassVar[bool] = False             # train_step's kernels never depend on the step or on host reads
 
     def __init__(self, cfg: TrainConfig, dist_env: DistEnv = DistEnv()):
         self.cfg, self.dist = cfg, dist_env
@@ -358,38 +386,46 @@ class MetricLogger:
                 self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1)
             except ImportError: pass
         self.reset()
-        self.bad_step = torch.full((), _NO_BAD_STEP, dtype=torch.long, device=device)
 
-    def reset(self): self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+    def reset(self): self.parts, self.t0 = [], time.perf_counter()
 
     def accumulate(self, out: dict, step: int, weight: float = 1.0):
-        "Add a micro-batch's values (`weight` = its share of the step: 1 / accum_steps)."
-        for k, v in out.items():
-            v = torch.as_tensor(v, device=self.device).detach().float().reshape(-1)
-            if v.numel() not in (1, 2):
-                raise ConfigError(f"train_step returned {k!r} with {v.numel()} values; log a scalar or a "
-                                  f"(numerator, denominator) pair.")
-            if v.numel() == 1 and weight != 1.0: v = v * weight
-            # the first value is copied: a returned tensor that the task later updates in place stays as logged
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-        self.count += weight
-        finite = torch.isfinite(out["loss"].detach()).all()
-        self.bad_step = torch.where((self.bad_step == _NO_BAD_STEP) & ~finite, step, self.bad_step)
+        "Keep a micro-batch's values (`weight` = its share of the step: 1 / accum_steps) as one vector on the device."
+        keys = tuple(out)
+        vals = [torch.as_tensor(out[k], device=self.device).detach().float().reshape(-1) for k in keys]
+        sizes = tuple(v.numel() for v in vals)
+        if any(n not in (1, 2) for n in sizes) or "loss" not in keys or sizes[keys.index("loss")] != 1:
+            bad = {k: n for k, n in zip(keys, sizes) if n not in (1, 2)}
+            raise ConfigError(f"train_step must return a scalar 'loss', and each logged value a scalar or a "
+                              f"(numerator, denominator) pair; got {bad or sorted(keys)}.")
+        # copied by the concatenation: a returned tensor that the task later updates in place stays as logged
+        self.parts.append((keys, sizes, torch.cat(vals), step, weight))
 
     def flush(self, step: int, **extra) -> dict:
-        "Average what was accumulated, check for non-finite losses, write a row. One host sync."
-        keys = sorted(self.sums)
-        bad = self.bad_step.clone()           # the first bad step over all processes
-        if is_dist(): torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
-        if bad.item() != _NO_BAD_STEP: return {"bad_step": int(bad)}
-        flat = all_reduce_mean(torch.cat([self.sums[k] for k in keys])).tolist() if keys else []
+        "Average what was accumulated, check for non-finite losses, write a row. Two host reads."
+        sums, count, losses, steps = {}, 0.0, [], []
+        for keys, sizes, vec, st, w in self.parts:
+            o = 0
+            for k, n in zip(keys, sizes):
+                v = vec[o:o + n] * w if n == 1 and w != 1.0 else vec[o:o + n]
+                if k == "loss": losses.append(vec[o]); steps.append(st)
+                sums[k] = sums[k] + v if k in sums else v
+                o += n
+            count += w
+        if losses:                            # the first step with a non-finite loss, over all processes
+            st = torch.tensor(steps, device=self.device)
+            bad = torch.where(torch.isfinite(torch.stack(losses)), _NO_BAD_STEP, st).min()
+            if is_dist(): torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+            if bad.item() != _NO_BAD_STEP: return {"bad_step": int(bad)}
+        keys = sorted(sums)
+        flat = all_reduce_mean(torch.cat([sums[k] for k in keys])).tolist() if keys else []
         vals, i = {}, 0
         for k in keys:
-            n = self.sums[k].numel()       # a ratio with no denominator (nothing kept) is undefined: NaN
-            vals[k] = flat[i] / self.count if n == 1 else (flat[i] / flat[i + 1] if flat[i + 1] else float("nan"))
+            n = sums[k].numel()               # a ratio with no denominator (nothing kept) is undefined: NaN
+            vals[k] = flat[i] / count if n == 1 else (flat[i] / flat[i + 1] if flat[i + 1] else float("nan"))
             i += n
         row = {"kind": "train", "step": step, **vals,
-               "ms_per_step": 1000 * (time.perf_counter() - self.t0) / max(1, self.count), **extra}
+               "ms_per_step": 1000 * (time.perf_counter() - self.t0) / max(1, count), **extra}
         self.write(row); self.reset()
         return row
 
@@ -432,7 +468,7 @@ _RESUME_FREE = {"run_dir", "resume", "device", "progress", "tensorboard", "num_w
                 "log_every", "ckpt_every", "eval_every", "data_root"}
 # settings a resumed run may change, recorded in its history: the lr curve from the resumed step on, and the length
 _RESUME_CHANGEABLE = {"lr", "schedule", "schedule_iters", "warmup_iters", "min_lr", "lr_milestones", "lr_gamma",
-                      "clip_grad", "num_iters"}
+                      "clip_grad", "num_iters", "num_threads", "graph_step"}
 _CKPT_KEYS = ("step", "config", "model", "ema", "optimizer", "loader", "task", "aug_rng", "cpu_rng", "best", "history")
 
 def _config_diff(saved: dict, cfg: TrainConfig) -> tuple[list[str], dict]:
@@ -573,6 +609,7 @@ class Run:
     def build(self):
         "Phase 2: seed, build the task and everything it trains with, restore the checkpoint, wrap for DDP/compile."
         cfg, device, denv = self.cfg, self.device, self.denv
+        if device.type == "cpu" and cfg.num_threads: torch.set_num_threads(cfg.num_threads)
         seed_everything(cfg.seed)                              # identical initial weights on every process
         self.task = task = self.task_cls.from_config(cfg, denv)
         for m in task.frozen_modules().values(): m.requires_grad_(False)
@@ -584,10 +621,13 @@ class Run:
         self.ema = (EMA(task.model, cfg.ema_decay, cfg.ema_warmup, shared=task.frozen_modules().values())
                     if cfg.ema_decay is not None else None)
         task.ema_model = self.ema.module if self.ema else None
-        self.opt = build_optimizer(task.param_groups(task.model), cfg)
+        self.opt = build_optimizer(task.param_groups(task.model), cfg, device)
         self.step, self.best, self.history, self.resumes, self.pending_eval = 0, {"value": None, "step": -1}, [], [], False
         self.pending_best = self.last_eval = None
         self.unsaved_eval = False                              # an evaluation whose results no checkpoint holds yet
+        self.static_idx = self.graph = self.static_out = None
+        self.warm = 0                                          # eager steps of the static step (CUDA: before capture)
+        if cfg.graph_step: self._check_graph_step()
         return self
 
     def restore(self):
@@ -598,6 +638,7 @@ class Run:
             task.load_trainable_state(task.model, ck["model"])
             if self.ema is not None: task.load_trainable_state(self.ema.module, ck["ema"], what="ema")
             self.opt.load_state_dict(ck["optimizer"])
+            lr_on(self.opt, self.device if cfg.graph_step else None)    # the saved lr may be a tensor or a float
             self.loader.load_state_dict(ck["loader"]); task.load_state_dict(ck["task"])
             self.aug_gen.set_state(ck["aug_rng"][denv.rank].clone())
             torch.set_rng_state(ck["cpu_rng"][denv.rank].clone())
@@ -610,7 +651,7 @@ class Run:
         self.step, self.best, self.history = ck["step"], ck["best"], ck["history"]
         self.resumes, self.pending_eval = list(ck.get("resumes", [])), bool(ck.get("pending_eval", False))
         threads = ck.get("env", {}).get("torch_threads")
-        if self.device.type == "cpu" and threads and threads != torch.get_num_threads():
+        if self.device.type == "cpu" and threads and threads != torch.get_num_threads() and not cfg.num_threads:
             self.notes.append(f"CPU threads set back to {threads} (the checkpoint's; this process had "
                               f"{torch.get_num_threads()}): CPU results depend on the thread count")
             torch.set_num_threads(threads)
@@ -640,6 +681,7 @@ class Run:
     # ---- phase 3: the step ----
     def train_step(self, logger: MetricLogger) -> int:
         "One optimizer step over `accum_steps` micro-batches; returns the number of steps done."
+        if self.cfg.graph_step: return self._static_train_step(logger)
         cfg, task, model, n = self.cfg, self.task, self.model, self.cfg.accum_steps
         task.step = self.step
         self.opt.zero_grad(set_to_none=True)
@@ -656,6 +698,69 @@ class Run:
         self.lr = set_lr(self.opt, cfg, self.step)
         self.opt.step()
         if self.ema is not None: self.ema.update(model, self.step)
+        self.step += 1
+        return self.step
+
+    # ---- the same step on static buffers, replayed as a CUDA graph ----
+    GRAPH_WARMUP = 3                                      # eager steps before the capture (CUDA's lazy initialisations)
+
+    def _check_graph_step(self):
+        "graph_step needs a step whose kernels and shapes never change: refuse what cannot be captured, before training."
+        c, why = self.cfg, []
+        if not getattr(self.task, "graph_safe", False):
+            why.append(f"{type(self.task).__name__} is not graph-safe (its step depends on the step number or on values "
+                       f"read back from the GPU)")
+        if self.denv.enabled: why.append("DDP runs (one process only)")
+        if c.accum_steps != 1: why.append("accum_steps > 1")
+        if c.compile: why.append("compile=True (use one or the other)")
+        if not self.loader.in_memory: why.append("file-backed datasets (the batch must be gathered on the device)")
+        if why: raise ConfigError("graph_step=True cannot be used here: " + "; ".join(why) + ". Set graph_step=False.")
+        lr_on(self.opt, self.device)                          # the lr and the EMA weight become device tensors
+        self.ema_weight = torch.zeros((), device=self.device)
+
+    def _static_body(self) -> dict:
+        "The whole step on static buffers: gather, views, forward, loss, backward, clipping, optimizer, EMA."
+        cfg, task = self.cfg, self.task
+        inputs = task.make_inputs(self.loader.gather(self.static_idx), self.aug_gen)
+        with autocast(self.device, cfg.amp): out = task.train_step(inputs)
+        out["loss"].backward()
+        if cfg.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.clip_grad,
+                                           foreach=True)
+        self.opt.step()
+        if self.ema is not None: self.ema.lerp_(self.model, self.ema_weight)
+        return {k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()}
+
+    def _static_train_step(self, logger: MetricLogger) -> int:
+        """`graph_step=True`: the indices of the batch are copied into static device buffers, the scalars that change
+        (lr, EMA weight) are written into device tensors, and the step runs on them: eagerly on the CPU (the same
+        numbers as the default step), on CUDA captured once as a CUDA graph after `GRAPH_WARMUP` eager steps and
+        replayed after that (the augmentation generator registered with the graph). All state lives in the usual
+        tensors, so checkpoints and resumes are those of the default step."""
+        dev = self.device
+        host = self.loader.next_indices()
+        if self.static_idx is None: self.static_idx = {k: torch.empty_like(v, device=dev) for k, v in host.items()}
+        for k, v in host.items(): self.static_idx[k].copy_(v.pin_memory() if dev.type == "cuda" else v, non_blocking=True)
+        self.task.step = self.step
+        self.lr = set_lr(self.opt, self.cfg, self.step)
+        if self.ema is not None: self.ema_weight.fill_(1.0 - self.ema.decay_at(self.step))
+        if dev.type != "cuda" or self.warm < self.GRAPH_WARMUP:
+            self.opt.zero_grad(set_to_none=True)
+            if dev.type == "cuda":                            # warm-up on a side stream, as CUDA graphs require
+                side = torch.cuda.Stream(dev); side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side): out = self._static_body()
+                torch.cuda.current_stream(dev).wait_stream(side)
+            else: out = self._static_body()
+            self.warm += 1
+        else:
+            if self.graph is None:
+                self.opt.zero_grad(set_to_none=True)          # the gradients become the graph's static buffers
+                self.graph = torch.cuda.CUDAGraph()
+                self.graph.register_generator_state(self.aug_gen)
+                with torch.cuda.graph(self.graph): self.static_out = self._static_body()
+            self.graph.replay()
+            out = self.static_out
+        logger.accumulate(out, self.step + 1)
         self.step += 1
         return self.step
 

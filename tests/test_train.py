@@ -522,3 +522,26 @@ def test_frozen_trunk_is_shared_by_the_ema_and_out_of_every_checkpoint(tmp_path)
                                                         "1.norm.running_mean", "1.norm.running_var"]
     src = load_checkpoint(tmp_path / "src" / "last.pt")["ema"]
     assert all(torch.equal(trunk_before[f"model.{k}"], v) for k, v in src.items())   # the probed weights, unchanged
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "sequencematch"])
+def test_static_step_equals_the_default_step_and_resumes_exactly(name, tmp_path):
+    """graph_step=True runs the step on static buffers (captured as a CUDA graph on a GPU; eagerly here): the same
+    weights, EMA and history as the default step, bit for bit, and a kill/resume on that path equals no kill."""
+    default = fit(tiny(name, tmp_path / "default", num_iters=4, eval_every=2))
+    static = fit(tiny(name, tmp_path / "static", num_iters=4, eval_every=2, graph_step=True))
+    a, b = (load_checkpoint(tmp_path / r / "last.pt") for r in ("default", "static"))
+    for k in ("model", "ema", "task"): assert_same(a[k], b[k], k)
+    assert_same(default.history, static.history, "history")
+    cfg = tiny(name, tmp_path / "killed", num_iters=4, eval_every=2, ckpt_every=2, graph_step=True)
+    with pytest.raises(Killed): fit(cfg, callbacks=[kill_at(3)])
+    fit(dataclasses.replace(cfg, resume=True))
+    c = load_checkpoint(tmp_path / "killed" / "last.pt")
+    for k in ("model", "ema", "optimizer", "task", "loader", "aug_rng"): assert_same(b[k], c[k], k)
+
+
+def test_static_step_refuses_what_cannot_be_captured(tmp_path):
+    with pytest.raises(ConfigError, match="SimMatch is not graph-safe"):
+        fit(tiny("simmatch", tmp_path / "a", num_iters=2, graph_step=True))
+    with pytest.raises(ConfigError, match="accum_steps > 1"):
+        fit(tiny("fixmatch", tmp_path / "b", num_iters=2, graph_step=True, accum_steps=2))
