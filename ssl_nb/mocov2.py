@@ -228,14 +228,14 @@ def shuffled_embed(encoder: nn.Module, x: torch.Tensor, groups: int = 1,
         return torch.empty_like(k).index_copy_(0, perm, k)
 
 def moco_step(x_q: torch.Tensor, x_k: torch.Tensor, encoder_q: nn.Module, encoder_k: nn.Module, queue: MoCoQueue, *,
-              T: float = 0.2, m: float = 0.999, shuffle_groups: int = 1,
-              generator: torch.Generator | None = None) -> dict:
+              T: float = 0.2, m: float = 0.999, shuffle_groups: int = 1, generator: torch.Generator | None = None,
+              q: torch.Tensor | None = None) -> dict:
     """One MoCo step's contrastive part in `moco/builder.py`'s order (no backward, no optimizer): the queries
-    q = n(encoder_q(x_q)) with gradient; the momentum update of `encoder_k` (tensors it shares with `encoder_q` are
-    skipped; a DDP wrapper around `encoder_q` is looked through); the keys k = n(encoder_k(x_k)) with ShuffleBN
-    (`shuffled_embed`); `l_con = moco_loss(q, k, queue, T)`; then k is enqueued (the loss keeps its own copy of the
-    queue). Returns `q`, `k` and `l_con`."""
-    q = F.normalize(encoder_q(x_q), dim=1)
+    q = n(encoder_q(x_q)) with gradient (or the given `q`, computed by the caller); the momentum update of
+    `encoder_k` (tensors it shares with `encoder_q` are skipped; a DDP wrapper around `encoder_q` is looked through);
+    the keys k = n(encoder_k(x_k)) with ShuffleBN (`shuffled_embed`); `l_con = moco_loss(q, k, queue, T)`; then k is
+    enqueued (the loss keeps its own copy of the queue). Returns `q`, `k` and `l_con`."""
+    q = F.normalize(encoder_q(x_q) if q is None else q, dim=1)
     momentum_update(encoder_k, unwrap(encoder_q), m)
     k = shuffled_embed(encoder_k, x_k, shuffle_groups, generator)
     l_con = moco_loss(q, k, queue.queue, T)
@@ -484,9 +484,10 @@ class PretrainTask(Task):
 
     def describe(self) -> dict:
         n = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
+        model = unwrap(self.model)
         return {"views": {"train": self.view.describe(), "eval": self.eval_view.describe()},
                 "knn": {"bank": len(self.knn.train), "test": len(self.test_set), "k": self.cfg.knn_k, "T": self.cfg.knn_T},
-                "params": {"trainable": n(self.model, True), "model": n(self.model)}}
+                "params": {"trainable": n(model, True), "model": n(model)}}
 
     # modes and devices
     def train(self, mode: bool = True):
@@ -554,8 +555,9 @@ class MoCoV2Task(PretrainTask):
 
     def describe(self) -> dict:
         d = super().describe()
-        d["params"].update(trunk=sum(p.numel() for p in self.model.backbone.parameters()),
-                           head=sum(p.numel() for p in self.model.head.parameters()))
+        model = unwrap(self.model)
+        d["params"].update(trunk=sum(p.numel() for p in model.backbone.parameters()),
+                           head=sum(p.numel() for p in model.head.parameters()))
         return d
 
 # %% ../nbs/mocov2.ipynb #7c1d2e08

@@ -57,10 +57,16 @@ def _in_features(head: nn.Module) -> int:
     if first is None: raise ConfigError(f"The head {type(head).__name__} has no nn.Linear; cannot tell its input width.")
     return first.in_features
 
+def _embed_each(self, x: torch.Tensor, *more: torch.Tensor):
+    """`embed(x)`; with several batches, a tuple of their embeddings, each from its own pass (its own BatchNorm
+    statistics). One call for both views is one DDP forward: DDP overwrites the BatchNorm buffers at every forward,
+    in place, which would break the backward of an earlier forward of the same step."""
+    return tuple(self.embed(t) for t in (x, *more)) if more else self.embed(x)
+
 class RetroStudent(nn.Module):
     """Retro's student: backbone → adapter → average pool → **the teacher's head module itself** (frozen; the same
     object, `student.head is teacher.head`). `features(x)` is the pooled adapter output (t_n-d, the linear-probe
-    input), `forward(x)` = `embed(x)` the L2-normalised head output."""
+    input), `embed(x)` the L2-normalised head output, `forward(x, *more)` the embeddings of one or more batches."""
     def __init__(self, backbone: nn.Module, adapter: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone, self.adapter, self.head = backbone, adapter, head
@@ -70,8 +76,8 @@ class RetroStudent(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(self.adapter(self.backbone(x)), 1).flatten(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor: return F.normalize(self.head(self.features(x)), dim=1)
-    embed = forward
+    def embed(self, x: torch.Tensor) -> torch.Tensor: return F.normalize(self.head(self.features(x)), dim=1)
+    forward = _embed_each
 
 def build_retro_student(name: str, teacher_head: nn.Module, exp_ratio: float = 2, kind: str = "ir",
                         act: str = "silu", in_chans: int = 3, **kw) -> RetroStudent:
@@ -88,15 +94,15 @@ def disco_head(s_n: int, hidden: int = 2048, dim: int = 128) -> nn.Sequential:
 class DisCoStudent(nn.Module):
     """A student with its own trainable head (DisCo, and the MoCo-v2 student trained alone): backbone → average pool
     → head. `features(x)` is the pooled backbone output (s_n-d; the head is dropped for linear probing),
-    `forward(x)` = `embed(x)` the L2-normalised head output."""
+    `embed(x)` the L2-normalised head output, `forward(x, *more)` the embeddings of one or more batches."""
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.num_features = backbone.num_features
 
     def features(self, x: torch.Tensor) -> torch.Tensor: return F.adaptive_avg_pool2d(self.backbone(x), 1).flatten(1)
-    def forward(self, x: torch.Tensor) -> torch.Tensor: return F.normalize(self.head(self.features(x)), dim=1)
-    embed = forward
+    def embed(self, x: torch.Tensor) -> torch.Tensor: return F.normalize(self.head(self.features(x)), dim=1)
+    forward = _embed_each
 
 def build_disco_student(name: str, hidden: int = 2048, dim: int = 128, in_chans: int = 3, **kw) -> DisCoStudent:
     "A `DisCoStudent`: `StudentBackbone(name)` and `disco_head(s_n, hidden, dim)`."
@@ -184,27 +190,26 @@ def distill_step(x_q: torch.Tensor, x_k: torch.Tensor, student: nn.Module, mean_
                  teacher: FrozenTeacher | None, queue: MoCoQueue, *, T: float = 0.2, m: float = 0.999,
                  cross_view: bool = False, cons_reduction: str = "sum_ref32", w_con: float = 1.0,
                  w_cons: float = 1.0, shuffle_groups: int = 1, generator: torch.Generator | None = None) -> dict:
-    """The losses of one DisCo / Retro / student-alone step, in the reference order (no backward, no optimizer).
-    The contrastive part is `moco_step`: q = n(student(x_q)), the mean student's EMA update (shared tensors skipped),
-    the keys k = n(mean_student(x_k)) with ShuffleBN (`shuffle_groups`, `generator`), `l_con`, and the push of k.
-    Then the teacher's t_q, t_k (no gradient) and `l_cons = embedding_distill_loss(q, s_k, t_q, t_k)` with
-    s_k = student(x_k), or q itself when `cross_view` (Retro's code, bug B1: it also runs the student on x_q once more
-    and discards the result, which only moves BN statistics). `teacher=None` (the student alone): l_cons = 0.
-    `student` may be wrapped in DDP. Returns `loss = w_con·l_con + w_cons·l_cons`, the two terms (detached), the keys
+    """The losses of one DisCo / Retro / student-alone step (no backward, no optimizer). The student embeds x_q and
+    x_k in one call, one pass each: q and s_k (`cross_view`, Retro's code, bug B1: x_q twice, the second result
+    discarded, which only moves BN statistics). The contrastive part is `moco_step` with that q: the mean student's
+    EMA update (shared tensors skipped), the keys k = n(mean_student(x_k)) with ShuffleBN (`shuffle_groups`,
+    `generator`), `l_con`, and the push of k. Then the teacher's t_q, t_k (no gradient) and
+    `l_cons = embedding_distill_loss(q, s_k, t_q, t_k)`, with q in place of s_k when `cross_view`. `teacher=None`
+    (the student alone): l_cons = 0. `student` may be wrapped in DDP. Returns `loss = w_con·l_con + w_cons·l_cons`, the two terms (detached), the keys
     `k` and, with a teacher, `cos_t`: the mean cosine between q and t_q."""
     if cons_reduction not in DISTILL_REDUCTIONS:
         raise ConfigError(f"cons_reduction={cons_reduction!r}; use one of {DISTILL_REDUCTIONS}.")
+    if teacher is None: q = student(x_q)
+    elif cross_view: q, _ = student(x_q, x_q)                   # the code's discarded second pass (BN statistics only)
+    else: q, s_k = student(x_q, x_k)                            # one call, two passes (one DDP forward)
     con = moco_step(x_q, x_k, student, mean_student, queue, T=T, m=m, shuffle_groups=shuffle_groups,
-                    generator=generator)
+                    generator=generator, q=q)
     q, l_con, extra = con["q"], con["l_con"], {}
     if teacher is None: l_cons = torch.zeros((), device=q.device)
     else:
         with torch.no_grad(): t_q, t_k = teacher(x_q), teacher(x_k)
-        if cross_view:
-            with torch.no_grad(): student(x_q)                    # the code's discarded forward (BN statistics only)
-            s_k = q
-        else: s_k = student(x_k)
-        l_cons = embedding_distill_loss(q, s_k, t_q, t_k, cons_reduction)
+        l_cons = embedding_distill_loss(q, q if cross_view else s_k, t_q, t_k, cons_reduction)
         extra["cos_t"] = (q.detach().float() * t_q.float()).sum(1).mean()
     return {"loss": w_con * l_con + w_cons * l_cons, "l_con": l_con.detach(), "l_cons": l_cons.detach(),
             "k": con["k"], **extra}
@@ -361,7 +366,7 @@ class DistillTask(PretrainTask):
         rep = t.encoder.load_report
         d["teacher"] = {"source": t.source, "arch": t.arch, "format": rep.source, "loaded_tensors": rep.loaded,
                         "dropped": rep.dropped, "trunk_params": n(t.encoder.backbone), "head_params": n(t.head)}
-        d["params"].update(param_counts(self.model))
+        d["params"].update(param_counts(unwrap(self.model)))
         d["code_switches"] = self.switches
         return d
 

@@ -259,3 +259,18 @@ def test_retro_notebook_runs_with_tiny_parameters(tmp_path):
         assert res["algorithm"] == algo and 0 <= res["last_knn_top1"] <= 1
         assert json.loads((tmp_path / "run" / name / "lincls" / "results.json").read_text())["steps"] == 2
     assert (tmp_path / "run" / "plots" / "curves.png").exists()
+
+
+@pytest.mark.timeout(300)
+def test_retro_under_ddp_keeps_the_replicas_and_queues_in_sync(tmp_path):
+    "2 gloo processes: ShuffleBN across processes, both views in one DDP forward, the frozen shared head inside DDP."
+    import subprocess, sys
+    bin_ = Path(sys.executable).parent
+    r = subprocess.run([bin_ / "torchrun", "--standalone", "--nproc_per_node=2", ROOT / "tests" / "_ddp_retro.py", tmp_path],
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
+    assert _equal(a["params"], b["params"]) and torch.equal(a["queue"], b["queue"])     # keys gathered from both
+    # the mean students' weights follow the (synchronised) students; their BN statistics are per process, as MoCo's
+    assert _equal({k: v for k, v in a["mean"].items() if "running" not in k and "num_batches" not in k},
+                  {k: v for k, v in b["mean"].items() if "running" not in k and "num_batches" not in k})
