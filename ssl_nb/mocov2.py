@@ -453,8 +453,8 @@ class PretrainTask(Task):
 
     # what trains, what is frozen, what is state
     def build_teacher(self, cfg) -> nn.Module | None: return None
-    def build_key_encoder(self, model: nn.Module) -> nn.Module:
-        "MoCo's key encoder: a copy of the whole model, without gradient."
+    def build_key_encoder(self, model: nn.Module) -> nn.Module | None:
+        "MoCo's key encoder: a copy of the whole model, without gradient (None for a method without one)."
         return copy.deepcopy(model).requires_grad_(False)
     def frozen_modules(self) -> dict: return {"teacher": self.teacher} if self.teacher is not None else {}
     def param_groups(self, model: nn.Module) -> list[dict]:
@@ -492,7 +492,7 @@ class PretrainTask(Task):
     # modes and devices
     def train(self, mode: bool = True):
         "The model and the key encoder in `mode` (MoCo's key encoder runs with batch statistics); the teacher in eval."
-        self.key_encoder.train(mode)
+        if self.key_encoder is not None: self.key_encoder.train(mode)
         return super().train(mode)
 
     def to(self, device):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .core import ALGORITHMS, CheckpointError, ConfigError, DistEnv, load_checkpoint, unwrap
 from .classify import Features, extract_features, knn_accuracy
-from .losses import DISTILL_REDUCTIONS, embedding_distill_loss, moco_loss
+from .losses import DISTILL_REDUCTIONS, embedding_distill_loss, moco_loss, seed_loss
 from .mocov2 import (STUDENT_PRESETS, STUDENT_WIDTHS, TEACHER_PRESETS, TRUNKS, MoCoEncoder, MoCoQueue,
                            PretrainConfig, PretrainTask, StudentBackbone, _head_dim, build_encoder, create_trunk,
                            encoder_state_dict, imagenet_pretrain, moco_step, momentum_update)
@@ -25,7 +25,7 @@ from .models import ClassifierModel
 __all__ = ['ADAPTER_KINDS', 'SimKDBottleneck', 'make_adapter', 'RetroStudent', 'build_retro_student', 'disco_head',
            'DisCoStudent', 'build_disco_student', 'FrozenTeacher', 'build_teacher', 'load_teacher', 'make_mean_student',
            'update_mean_student', 'distill_step', 'LinearEval', 'param_counts', 'DistillConfig', 'code_switches',
-           'DistillTask', 'DisCoConfig', 'DisCo', 'RetroConfig', 'Retro']
+           'DistillTask', 'DisCoConfig', 'DisCo', 'RetroConfig', 'Retro', 'SEEDConfig', 'SEED']
 
 # %% ../nbs/retro.ipynb #ef0cbd27
 ADAPTER_KINDS = ("ir", "simkd")
@@ -419,3 +419,44 @@ class Retro(DistillTask):
         c = self.cfg
         return build_retro_student(c.net, self.teacher.head, c.adapter_exp_ratio, c.adapter_kind, c.adapter_act,
                                    in_chans=self.in_chans)
+
+# %% ../nbs/retro.ipynb #5fdf67a1
+@dataclass
+class SEEDConfig(DistillConfig):
+    "SEED: the student's similarity distribution over a queue of teacher embeddings matches the teacher's."
+    algorithm: str = "seed"
+    T_s: float = 0.2                       # student temperature (`--temp`)
+    T_t: float = 1e-4                      # teacher temperature (`--distill-t`): near one-hot
+    head_hidden: int | None = None         # None: the student's width (SEED's MLP head s_n → s_n → dim)
+
+    presets: ClassVar[dict] = {f"imagenet-{s}-{t}": {"warmup_iters": 5 * (1_281_167 // 256)}
+                               for s in STUDENT_PRESETS for t in TEACHER_PRESETS}
+
+    def check(self) -> list[str]:
+        errs = super().check()
+        if self.T_s <= 0 or self.T_t <= 0: errs.append(f"T_s and T_t must be > 0 (got {self.T_s}, {self.T_t})")
+        if self.head_hidden is not None and self.head_hidden < 1: errs.append("head_hidden must be >= 1 or None")
+        return errs
+
+@ALGORITHMS.register("seed")
+class SEED(DistillTask):
+    "SEED (arXiv 2101.04731): soft cross-entropy to the teacher's similarities over a queue of teacher embeddings."
+    config_cls = SEEDConfig
+
+    def build_model(self) -> DisCoStudent:
+        c, head = self.cfg, self.teacher.head
+        return build_disco_student(c.net, hidden=c.head_hidden or STUDENT_WIDTHS[c.net], dim=_head_dim(head),
+                                   in_chans=self.in_chans)
+
+    def build_key_encoder(self, model: nn.Module) -> None: return None     # no mean student: the queue holds t
+
+    def make_inputs(self, batch: dict, generator: torch.Generator) -> dict:
+        return {"x_q": self.view(batch["x_train"], generator)}             # one view per image
+
+    def train_step(self, batch: dict) -> dict:
+        c, x = self.cfg, batch["x_q"]
+        s = self.model(x)
+        with torch.no_grad(): t = self.teacher(x)
+        loss = seed_loss(s, t, self.queue.queue, c.T_s, c.T_t)            # keeps its own copy of the queue
+        self.queue.push(t)
+        return {"loss": loss, "cos_t": (F.normalize(s.detach().float(), dim=1) * t.float()).sum(1).mean()}

@@ -1,4 +1,4 @@
-"""The `mocov2`, `disco` and `retro` methods on the training engine (issue 15, spec §C.10 through `fit`): what trains
+"""The `mocov2`, `disco`, `retro` (and `seed`) methods on the training engine (issue 15, spec §C.10 through `fit`): what trains
 and what stays frozen, the mean student's EMA of the backbone only, the teacher and the shared head left out of the
 checkpoints and rebuilt on resume, resume equal to an uninterrupted run, queue/batch errors before training, teachers
 from workbook runs and MoCo-v2 files, linear evaluation with exactly two trainable tensors, both notebooks under
@@ -88,7 +88,7 @@ def test_retro_two_steps_train_backbone_and_adapter_only_and_the_ema_follows_the
     assert {"l_con", "l_cons", "cos_t"} <= set(read_metrics(tmp_path, "train")[-1])
 
 
-@pytest.mark.parametrize("algo", ["mocov2", "disco"])
+@pytest.mark.parametrize("algo", ["mocov2", "disco", "seed"])
 def test_each_method_changes_its_weights_and_not_the_teacher(algo, teacher, tmp_path):
     extra = {"net": "cifar_resnet10_w16"} if algo == "mocov2" else {"teacher": teacher}
     cfg = make_config(algo, **TINY, **extra, num_iters=1, eval_every=1, run_dir=str(tmp_path))
@@ -101,8 +101,14 @@ def test_each_method_changes_its_weights_and_not_the_teacher(algo, teacher, tmp_
         assert task.key_encoder.head is not task.model.head               # DisCo's mean student averages its head too
         # DisCo's head: Linear(s_n, t_n)-ReLU-Linear(t_n, dim) with the teacher's widths (256 and 128 here)
         assert [tuple(m.weight.shape) for m in task.model.head if isinstance(m, nn.Linear)] == [(256, 128), (128, 256)]
+    if algo == "seed":         # no mean student; the queue holds the teacher's embeddings of the step's view
+        assert task.key_encoder is None and same(task.teacher, ref.teacher)
+        x = ref.view(ref.train_set.images[:16], torch.Generator().manual_seed(1))
+        ref.train_step({"x_q": x})
+        torch.testing.assert_close(ref.queue.queue[:16], ref.teacher(x))
     ck = load_checkpoint(tmp_path / "last.pt")
     assert not any(k.startswith(("teacher", "encoder.")) for k in [*ck["model"], *ck["task"]])
+    assert set(ck["task"]) == ({"queue"} if algo == "seed" else {"key_encoder", "queue"})
 
 
 @pytest.mark.parametrize("algo,extra", [("retro", {"faithful_to_code": True}), ("disco", {})])
