@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_nb.core import load_checkpoint
+from ssl_nb.core import ALGORITHMS, load_checkpoint
 from ssl_nb.train import fit, make_config
 from ssl_nb.losses import moco_v3_loss
 from ssl_nb.mae import initial_checkpoint
@@ -61,6 +61,23 @@ def test_momentum_branch_m1_keeps_m0_copies():
         src = dict(getattr(online, part).named_parameters())
         for n, p in getattr(branch, part).named_parameters(): assert torch.equal(p, src[n]), (part, n)
     assert not any(p.requires_grad for p in branch.parameters())
+
+
+def test_checkpoint_loads_local_weights_into_each_method(tmp_path):
+    "`checkpoint=` starts a method from local weights (here an MAE file in MAE's own key names: `model`, decoder_*)."
+    from ssl_nb.mim import create_mae
+    src = create_mae()
+    def mae_name(k):                                                # ssl_nb's names -> models_mae.py's
+        part, _, rest = k.partition(".")
+        return rest if part == "encoder" else "mask_token" if rest == "mask_token" else "decoder_" + rest
+    sd = {mae_name(k): v for k, v in src.state_dict().items()}
+    torch.save({"model": sd}, tmp_path / "mae.pth")
+    for algorithm in ("mae", "symmim"):
+        task = ALGORITHMS.get(algorithm)(make_config(algorithm, checkpoint=str(tmp_path / "mae.pth")))
+        enc = task.model.encoder
+        assert all(torch.equal(v, src.encoder.state_dict()[k]) for k, v in enc.state_dict().items()), algorithm
+    symmim = ALGORITHMS.get("symmim")(make_config("symmim", checkpoint=str(tmp_path / "mae.pth")))
+    assert torch.equal(symmim.momentum_branch.encoder.cls_token, src.encoder.cls_token)   # copied after loading
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -152,13 +169,14 @@ def test_mim_grid_tiny_mode_writes_the_table_plot_and_runs(tmp_path, capsys):
     out = tmp_path / "grid"
     _script("mim_grid").main(["--tiny", "--out", str(out), "--threads", "1", "--results", str(tmp_path / "res" / "mim")])
     table = (out / "table.md").read_text()
-    for label in ("SymMIM", "MAE 0.5", "MAE 0.75", "MAE 0.9", "SimMIM 0.6", "random init", "SymMIM − MAE 0.75"):
+    for label in ("SymMIM", "MAE 0.5", "MAE 0.75", "MAE 0.9", "SimMIM 0.6", "random init", "SymMIM λ=0",
+                  "SymMIM − MAE 0.75"):
         assert label in table, label
     runs = (out / "runs.csv").read_text().splitlines()
-    assert len(runs) == 1 + 6 and "knn_top1" in runs[0] and "probe_top1" in runs[0]
+    assert len(runs) == 1 + 7 and "knn_top1" in runs[0] and "probe_top1" in runs[0]
     assert (out / "knn.png").stat().st_size > 0
     curves = (out / "knn_curves.csv").read_text().splitlines()
-    assert len(curves) == 1 + 5 * 2                                  # 5 pre-training runs, evaluated at steps 1 and 2
+    assert len(curves) == 1 + 6 * 2                                  # 6 pre-training runs, evaluated at steps 1 and 2
     res = tmp_path / "res" / "mim.md"
     res.write_text(res.read_text() + "what the numbers show\n")      # the hand-written part survives a re-summary
     _script("mim_grid").main(["--tiny", "--out", str(out), "--threads", "1", "--results", str(tmp_path / "res" / "mim"),
