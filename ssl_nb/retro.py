@@ -389,8 +389,12 @@ class DisCo(DistillTask):
 
     def build_model(self) -> DisCoStudent:
         c, head = self.cfg, self.teacher.head
-        return build_disco_student(c.net, hidden=c.head_hidden or _in_features(head), dim=_head_dim(head),
+        return build_disco_student(c.net, hidden=c.head_hidden or self.default_head_hidden(), dim=_head_dim(head),
                                    in_chans=self.in_chans)
+
+    def default_head_hidden(self) -> int:
+        "The head's hidden width when `head_hidden` is None: the teacher's feature width (DisCo's enlarged head)."
+        return _in_features(self.teacher.head)
 
 @dataclass
 class RetroConfig(DistillConfig):
@@ -422,12 +426,12 @@ class Retro(DistillTask):
 
 # %% ../nbs/retro.ipynb #5fdf67a1
 @dataclass
-class SEEDConfig(DistillConfig):
+class SEEDConfig(DisCoConfig):
     "SEED: the student's similarity distribution over a queue of teacher embeddings matches the teacher's."
     algorithm: str = "seed"
     T_s: float = 0.2                       # student temperature (`--temp`)
     T_t: float = 1e-4                      # teacher temperature (`--distill-t`): near one-hot
-    head_hidden: int | None = None         # None: the student's width (SEED's MLP head s_n → s_n → dim)
+    # head_hidden None: the student's width (SEED's MLP head s_n → s_n → dim)
 
     presets: ClassVar[dict] = {f"imagenet-{s}-{t}": {"warmup_iters": 5 * (1_281_167 // 256)}
                                for s in STUDENT_PRESETS for t in TEACHER_PRESETS}
@@ -435,18 +439,14 @@ class SEEDConfig(DistillConfig):
     def check(self) -> list[str]:
         errs = super().check()
         if self.T_s <= 0 or self.T_t <= 0: errs.append(f"T_s and T_t must be > 0 (got {self.T_s}, {self.T_t})")
-        if self.head_hidden is not None and self.head_hidden < 1: errs.append("head_hidden must be >= 1 or None")
         return errs
 
 @ALGORITHMS.register("seed")
-class SEED(DistillTask):
+class SEED(DisCo):
     "SEED (arXiv 2101.04731): soft cross-entropy to the teacher's similarities over a queue of teacher embeddings."
     config_cls = SEEDConfig
 
-    def build_model(self) -> DisCoStudent:
-        c, head = self.cfg, self.teacher.head
-        return build_disco_student(c.net, hidden=c.head_hidden or STUDENT_WIDTHS[c.net], dim=_head_dim(head),
-                                   in_chans=self.in_chans)
+    def default_head_hidden(self) -> int: return STUDENT_WIDTHS[self.cfg.net]
 
     def build_key_encoder(self, model: nn.Module) -> None: return None     # no mean student: the queue holds t
 
