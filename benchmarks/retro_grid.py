@@ -198,7 +198,7 @@ def summarize(rows: list[dict], out: Path, results: Path, b: dict, argv: list[st
                      "the difference is > 0.", "", markdown_table(pairs), ""]
     (out / "table.md").write_text("\n".join(table_md) + "\n")
     # plot: bars of k-NN and probe (last) per method, the teacher as a line; cos(student, teacher) per seed
-    fig, axs = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axs = plt.subplots(1, 3, figsize=(16, 3.6))
     studs = [m for m in ("init", "mocov2", "disco", "retro") if m in set(df["method"])]
     for ax, c, title in ((axs[0], "knn_last", "k-NN top-1 (last)"), (axs[1], "probe_last", "linear probe top-1 (last)")):
         g = df[df["method"].isin(studs)].groupby("method")[c]
@@ -212,6 +212,13 @@ def summarize(rows: list[dict], out: Path, results: Path, b: dict, argv: list[st
         lo = float(min((mu - sd).min(), 100 * t.min() if len(t) and t.notna().all() else 100))
         ax.set_ylim(max(0, lo - 5), 100); ax.set_title(title); ax.set_ylabel("%"); ax.grid(axis="y", alpha=0.3)
         if len(t): ax.legend(fontsize=8)
+    from ssl_nb.train import read_metrics
+    for i, m in enumerate(("disco", "retro")):
+        for j, (_, r) in enumerate(df[df["method"] == m].iterrows()):
+            pts = [(x["step"], x["cos_t"]) for x in read_metrics(r["run_dir"], "train") if "cos_t" in x]
+            if pts: axs[2].plot(*zip(*pts), color=f"C{2 + i}", alpha=0.7, label=LABELS[m] if j == 0 else None)
+    axs[2].set_title("cos(student, teacher) of the training views"); axs[2].set_xlabel("step"); axs[2].grid(alpha=0.3)
+    if axs[2].get_legend_handles_labels()[0]: axs[2].legend(fontsize=8)
     fig.suptitle(f"{b['dataset']}: student cifar_resnet10_w16, {b['student_iters']} steps, mean ± std over seeds (dots: seeds)",
                  fontsize=9)
     fig.tight_layout(); fig.savefig(out / "plot.png", dpi=120); plt.close(fig)
