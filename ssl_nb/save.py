@@ -4,7 +4,7 @@
 
 # %% ../nbs/save.ipynb #a0c1e004
 from __future__ import annotations
-import inspect, math, re, time
+import inspect, json, math, re, time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -16,14 +16,22 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
 
-from .core import CheckpointError, ConfigError
+from .core import ALGORITHMS, CheckpointError, ConfigError, DataError, DistEnv, load_checkpoint, resolve_run_dir
+from .data import BatchLoader, FieldDataset
+from .train import Task, TrainConfig
+from .audio import AUDIO_ENCODERS, EMBEDDING_SIZE, create_audio_encoder
+from .avs import (NEGATIVE_SPLITS, SYNTHETIC_SIZES, AVSFrames, evaluate_avs, frame_iou, load_avs_synthetic,
+                        load_avsbench)
 
 # %% auto #0
-__all__ = ['SAM_ARCHS', 'LOSSES', 'PRESETS', 'SamArch', 'get_arch', 'check_arch', 'ImageAdapter', 'image_adapter_params',
+__all__ = ['SAM_ARCHS', 'LOSSES', 'PRESETS', 'DEFAULT_AVS_ROOT', 'AVS_DATASETS', 'IMAGENET_MEAN', 'IMAGENET_STD',
+           'AVSBENCH_TRAIN_FRAMES', 'SamArch', 'get_arch', 'check_arch', 'ImageAdapter', 'image_adapter_params',
            'resize_pos_embed', 'resize_rel_pos', 'SAVEBlock', 'SAVEImageEncoder', 'BatchedMaskDecoder',
            'BatchedPromptEncoder', 'PromptableSam', 'build_sam', 'read_sam_state_dict', 'LoadReport',
            'load_sam_weights', 'ResidualAudioAdapters', 'SamaAudioPrompts', 'AudioSparsePrompt', 'SAVE', 'build_save',
-           'check_loss', 'soft_iou', 'mask_loss', 'prompts_from_masks', 'time_train_step']
+           'check_loss', 'soft_iou', 'mask_loss', 'prompts_from_masks', 'time_train_step', 'avs_root', 'load_avs_split',
+           'single_object_rows', 'avs_frames', 'avs_masks', 'frozen_parts', 'run_file', 'load_sam_source', 'AVSConfig',
+           'SamStage1Config', 'SAVEConfig', 'AVSTask', 'SamStage1', 'AVSegmenter', 'SAVETask']
 
 # %% ../nbs/save.ipynb #a0c1e008
 @dataclass(frozen=True)
@@ -655,3 +663,453 @@ PRESETS = {
                "values from SAMA-AVS (configs/sam_avs_adapter.yaml, models/sam.py)",
         paper_miou={"s4": 84.59 if size == 256 else 86.16, "ms3": 70.28 if size == 256 else 70.83},
     ) for size in (256, 1024)}
+
+# %% ../nbs/save.ipynb #b1c2e002
+DEFAULT_AVS_ROOT = "data/avs_synthetic"     # where `python -m ssl_nb.avs make-synthetic --out data/avs_synthetic` writes
+AVS_DATASETS = ("avs_synthetic", "avsbench")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # = SAM's pixel_mean / pixel_std on 0-255
+
+def avs_root(dataset: str, data_root: str | None) -> Path:
+    "The dataset folder: `data_root`, or `data/avs_synthetic` under the project root for the synthetic set."
+    if data_root is not None: return Path(data_root).expanduser()
+    if dataset == "avs_synthetic": return resolve_run_dir(DEFAULT_AVS_ROOT)
+    raise ConfigError(f"dataset={dataset!r} needs data_root: the folder that holds AVSBench's Single-source/ and "
+                      f"Multi-sources/ (nothing is downloaded).")
+
+def load_avs_split(dataset: str, data_root: str | None, subset: str, split: str, frames: str = "annotated") -> AVSFrames:
+    "One split of the synthetic set or of AVSBench (v1 layout) in memory: one row per frame."
+    root = avs_root(dataset, data_root)
+    try:
+        if dataset == "avs_synthetic": return load_avs_synthetic(root, subset, split, frames=frames)
+        return load_avsbench(root, subset, split, frames=frames, in_memory=True)
+    except DataError as e:
+        if dataset != "avs_synthetic": raise
+        raise DataError(f"{e} Generate the synthetic set first: python -m ssl_nb.avs make-synthetic --out {root}") from e
+
+def single_object_rows(ds: AVSFrames, root) -> torch.Tensor:
+    "Rows of a synthetic MS3 split where exactly one object sounds (the mask is one object), from `synthetic_meta.json`."
+    meta_file = Path(ds.info["root"]) / "synthetic_meta.json"
+    if not meta_file.is_file():
+        raise DataError(f"No {meta_file}: only the synthetic set says which objects sound in each frame. Train stage 1 "
+                        f"on S4 only (stage1_subsets=('s4',)).")
+    heard = {name: v["heard_per_frame"] for name, v in json.loads(meta_file.read_text())["videos"].items()}
+    keep = [len(heard[ds.videos[v]][k]) == 1 for v, k in zip(ds.fields["video"].tolist(), ds.fields["frame"].tolist())]
+    return torch.tensor(keep).nonzero()[:, 0]
+
+def avs_frames(x: torch.Tensor, img_size: int) -> torch.Tensor:
+    "uint8 frames (B, 3, H, W) -> SAM's input: [0, 1], bilinear resize to `img_size` if needed, ImageNet mean/std."
+    x = x.float() / 255
+    if tuple(x.shape[-2:]) != (img_size, img_size):
+        x = F.interpolate(x, (img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
+    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1); std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+def avs_masks(mask: torch.Tensor, img_size: int) -> torch.Tensor:
+    "Binary masks (B, H, W) -> float (B, 1, img_size, img_size), resized with nearest neighbours if needed."
+    m = mask[:, None].float()
+    return m if tuple(m.shape[-2:]) == (img_size, img_size) else F.interpolate(m, (img_size, img_size), mode="nearest")
+
+def frozen_parts(model: nn.Module) -> dict:
+    "What never trains in `model`: the largest all-frozen submodules, plus frozen parameters held by partly trained modules."
+    out = {}
+    def walk(prefix, module):
+        params = list(module.parameters())
+        if prefix and params and not any(p.requires_grad for p in params):
+            out[prefix] = module; return
+        for n, p in module.named_parameters(recurse=False):
+            if not p.requires_grad: out[f"{prefix}.{n}" if prefix else n] = p
+        for n, child in module.named_children(): walk(f"{prefix}.{n}" if prefix else n, child)
+    walk("", model)
+    return out
+
+def run_file(path) -> Path:
+    "A checkpoint path: a file as given, or a run folder's best.pt (else its last.pt)."
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = [p / n for n in ("best.pt", "last.pt") if (p / n).is_file()]
+        if not found: raise CheckpointError(f"The run folder {p} holds no best.pt or last.pt: has its run finished a step?")
+        return found[0]
+    return p
+
+def load_sam_source(path, net: str | None = None) -> tuple[dict, dict]:
+    "SAM weights from a SAM `.pth` or a `sam_stage1` run (folder or checkpoint, EMA weights if kept): (state dict, info)."
+    p = run_file(path)
+    if not p.is_file():
+        raise CheckpointError(f"No SAM checkpoint at {p}. ssl_nb never downloads weights: pass a local SAM file "
+                              f"({_KNOWN_FILES}, from the segment-anything README) or a sam_stage1 run's best.pt.")
+    try: obj = load_checkpoint(p)
+    except CheckpointError as e:
+        raise CheckpointError(f"Cannot read the SAM checkpoint {p}: {str(e).split(' Use another')[0]} Download it "
+                              f"again, or pass a sam_stage1 run's best.pt.") from e
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and "model" in obj:
+        c = obj["config"]
+        if c.get("algorithm") != "sam_stage1":
+            raise CheckpointError(f"{p} is a checkpoint of a {c.get('algorithm')!r} run, not SAM weights: pass a "
+                                  f"sam_stage1 run (its best.pt) or a SAM checkpoint file.")
+        if net is not None and c.get("net") != net:
+            raise CheckpointError(f"{p} holds a {c.get('net')!r} SAM (stage 1 trained net={c.get('net')!r}), but this "
+                                  f"run builds net={net!r}: set net={c.get('net')!r}.")
+        sd = obj["ema"] if obj.get("ema") is not None else obj["model"]
+        return read_sam_state_dict(sd), {"sam_source": "sam_stage1 run", "sam_path": str(p), "sam_step": obj.get("step"),
+                                         "sam_img_size": c.get("img_size")}
+    return read_sam_state_dict(obj), {"sam_source": "SAM checkpoint", "sam_path": str(p)}
+
+# %% ../nbs/save.ipynb #b1c2e005
+@dataclass
+class AVSConfig(TrainConfig):
+    "Shared by `sam_stage1` and `save`: AVS data, SAM architecture and input size, CPU-default optimisation."
+    dataset: str = "avs_synthetic"        # "avs_synthetic" (make_synthetic's folder) or "avsbench" (v1 layout)
+    subset: str = "s4"                    # "s4" (single source) or "ms3" (multi-source)
+    train_frames: str = "annotated"       # every annotated frame, or AVSBench's "protocol" (S4 train: frame 1)
+    net: str = "small"                    # a SAM_ARCHS key
+    img_size: int = 128                   # model input size (frames are resized to it)
+    eval_size: str = "gt"                 # score at the ground truth's size ("gt") or the model's ("model")
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    schedule: str = "cosine"
+    warmup_iters: int = 20
+    batch_size: int = 16
+    num_iters: int = 400
+    eval_every: int = 100
+    ckpt_every: int = 100
+    eval_batch_size: int = 64
+    ema_decay: float | None = None
+    channels_last: bool = False           # CPU: NCHW is faster for these small convs
+    num_workers: int = 0
+
+    def check(self) -> list[str]:
+        errs = super().check()
+        if self.dataset not in AVS_DATASETS: errs.append(f"dataset must be one of {AVS_DATASETS} (got {self.dataset!r})")
+        elif self.dataset != "avs_synthetic" and self.data_root is None:
+            errs.append(f"dataset={self.dataset!r} needs data_root (the folder with Single-source/ and Multi-sources/)")
+        if self.subset not in ("s4", "ms3"): errs.append(f"subset must be 's4' or 'ms3' (got {self.subset!r})")
+        if self.train_frames not in ("annotated", "protocol"):
+            errs.append(f"train_frames must be 'annotated' or 'protocol' (got {self.train_frames!r})")
+        if self.eval_size not in ("gt", "model"): errs.append(f"eval_size must be 'gt' or 'model' (got {self.eval_size!r})")
+        if self.net not in SAM_ARCHS: errs.append(f"net must be one of {', '.join(SAM_ARCHS)} (got {self.net!r})")
+        else:
+            try: check_arch(get_arch(self.net), self.img_size, image_adapter=getattr(self, "image_adapter", False))
+            except ConfigError as e: errs.append(str(e).rstrip("."))
+        return errs
+
+def _missing_file(key: str, value, what: str) -> list[str]:
+    if value is None or Path(value).expanduser().exists(): return []
+    return [f"{key}={value!r} does not exist ({what}; nothing is downloaded)"]
+
+@dataclass
+class SamStage1Config(AVSConfig):
+    "Stage 1: class-agnostic promptable training of a SAM (the CPU stand-in for SAM's weights)."
+    algorithm: str = "sam_stage1"
+    stage1_subsets: tuple[str, ...] = ("s4", "ms3")   # MS3: only frames where exactly one object sounds
+    n_points: int = 1                     # positive points per point prompt
+    p_box: float = 0.5                    # probability of a box prompt instead of points
+    box_noise: float = 0.1                # box corner noise, fraction of the box side (SAM: 10 %)
+    max_box_noise: float | None = None    # pixels; None: SAM's 20 px scaled to img_size / 1024
+    loss: str = "bce_iou"
+    iou_head_weight: float = 1.0          # MSE of the IoU head against the thresholded mask's IoU (with bce_iou)
+    lr: float = 2e-3
+    num_iters: int = 1500
+
+    def check(self) -> list[str]:
+        errs = super().check() + _missing_file("checkpoint", self.checkpoint, "SAM weights to start stage 1 from")
+        if not self.stage1_subsets or set(self.stage1_subsets) - {"s4", "ms3"}:
+            errs.append(f"stage1_subsets must be a non-empty tuple of 's4'/'ms3' (got {self.stage1_subsets!r})")
+        if self.n_points < 1: errs.append(f"n_points must be >= 1 (got {self.n_points})")
+        if not 0 <= self.p_box <= 1: errs.append(f"p_box must be in [0, 1] (got {self.p_box})")
+        if self.box_noise < 0 or (self.max_box_noise is not None and self.max_box_noise < 0):
+            errs.append("box_noise and max_box_noise must be >= 0")
+        if self.loss not in LOSSES: errs.append(f"loss must be one of {LOSSES} (got {self.loss!r})")
+        if self.iou_head_weight < 0: errs.append(f"iou_head_weight must be >= 0 (got {self.iou_head_weight})")
+        return errs
+
+@dataclass
+class SAVEConfig(AVSConfig):
+    "Stage 2: SAVE on a frozen SAM, with its audio encoder and every switch of the model."
+    algorithm: str = "save"
+    sam_checkpoint: str | None = None     # SAM .pth, or a sam_stage1 run (folder or .pt); "random": untrained SAM
+    checkpoint: str | None = None         # warm start: a previous save run's checkpoint (synthetic -> S4 -> MS3)
+    audio_encoder: str = "audio_cnn"      # "audio_cnn" (trained), "vggish" (local weights, frozen), "vggish_tiny"
+    audio_checkpoint: str | None = None   # local weights of the audio encoder (vggish-10086976.pth)
+    train_audio_encoder: bool | None = None   # None: trained unless loaded from audio_checkpoint (VGGish: frozen)
+    zero_audio: bool = False              # ablation: zeroed audio features, no audio encoder
+    audio_mode: str = "residual"          # "residual" (SAVE's chain + sparse prompt) or "sama" (encoder injection only)
+    sparse_prompt: bool | None = None     # None: True for "residual", False for "sama"
+    image_adapter: bool = True            # False: the ablation without image adapters
+    audio_width: int = 512
+    audio_hidden: int = 512
+    audio_in_proj: bool = True
+    proj_shared: bool = True
+    n_sparse_tokens: int = 1
+    sparse_token_embed: bool = False
+    train_encoder: bool = False
+    train_decoder: bool = True
+    train_prompt_encoder: bool = False
+    sama_pe_quirk: bool = False
+    pos_interp: str = "load"
+    drop_decoder_heads: bool = False
+    loss: str = "bce_iou"                 # or "focal_dice_iou" (SAM-Med2D's)
+    fscore_on_logits: bool = False        # SAMA-AVS's F-measure quirk (thresholds on logits)
+    eval_splits: tuple[str, ...] | None = None   # None: val, test and (synthetic) the negative-audio splits
+    lr: float = 5e-4
+    num_iters: int = 800
+
+    def check(self) -> list[str]:
+        errs = super().check()
+        if self.sam_checkpoint is None:
+            errs.append("sam_checkpoint is not set: SAVE stands on SAM weights. Pass a SAM checkpoint file "
+                        f"({_KNOWN_FILES}) or a sam_stage1 run (its folder or best.pt); sam_checkpoint='random' "
+                        "freezes an untrained SAM (tests, speed)")
+        elif self.sam_checkpoint != "random":
+            errs += _missing_file("sam_checkpoint", self.sam_checkpoint, "SAM weights or a sam_stage1 run")
+        errs += _missing_file("checkpoint", self.checkpoint, "a save run's checkpoint to warm-start from")
+        errs += _missing_file("audio_checkpoint", self.audio_checkpoint, "audio encoder weights, e.g. vggish-10086976.pth")
+        if self.audio_encoder not in AUDIO_ENCODERS:
+            errs.append(f"audio_encoder must be one of {', '.join(AUDIO_ENCODERS.names())} (got {self.audio_encoder!r})")
+        elif (self.audio_encoder == "vggish" and self.audio_checkpoint is None and not self.train_audio_encoder
+              and not self.zero_audio):
+            errs.append("audio_encoder='vggish' without audio_checkpoint would freeze a randomly initialised VGGish: "
+                        "pass audio_checkpoint=<local vggish-10086976.pth>, or use audio_encoder='audio_cnn' (trained)")
+        if self.audio_mode not in ("residual", "sama"): errs.append(f"audio_mode must be 'residual' or 'sama' (got {self.audio_mode!r})")
+        elif self.audio_mode == "sama" and self.sparse_prompt:
+            errs.append("audio_mode='sama' has no last audio adapter to make a sparse prompt from: sparse_prompt=False")
+        if self.pos_interp not in ("load", "forward"): errs.append(f"pos_interp must be 'load' or 'forward' (got {self.pos_interp!r})")
+        if self.loss not in LOSSES: errs.append(f"loss must be one of {LOSSES} (got {self.loss!r})")
+        for k in ("audio_width", "audio_hidden", "n_sparse_tokens"):
+            if getattr(self, k) < 1: errs.append(f"{k} must be >= 1 (got {getattr(self, k)})")
+        if not self.audio_in_proj and self.audio_width != EMBEDDING_SIZE:
+            errs.append(f"audio_in_proj=False needs audio_width == {EMBEDDING_SIZE}")
+        if self.eval_splits is not None and "val" not in self.eval_splits:
+            errs.append(f"eval_splits must include 'val' (it selects best.pt); got {self.eval_splits!r}")
+        return errs
+
+    def model_switches(self) -> dict:
+        "The keyword arguments of `build_save` this config sets."
+        keys = ("audio_mode", "sparse_prompt", "image_adapter", "audio_width", "audio_hidden", "audio_in_proj",
+                "proj_shared", "n_sparse_tokens", "sparse_token_embed", "train_encoder", "train_decoder",
+                "train_prompt_encoder", "sama_pe_quirk", "pos_interp", "drop_decoder_heads", "loss")
+        return {k: getattr(self, k) for k in keys}
+
+# %% ../nbs/save.ipynb #b1c2e008
+class AVSTask(Task):
+    "The part both stages share: one stream of AVS frames (x, audio, mask) and their conversion to model inputs."
+    selection_metric, higher_is_better = "miou", True
+
+    def train_loader(self, device, rank: int = 0, world_size: int = 1):
+        cfg = self.cfg
+        per_process = cfg.batch_size // (world_size * cfg.accum_steps)
+        fields = {k: self.train_set.fields[k] for k in ("x", "audio", "mask")}
+        return BatchLoader({"av": (FieldDataset(fields, self.train_set.name), per_process)}, cfg.seed, device, rank,
+                           world_size, cfg.num_workers)
+
+    def _limit(self, ds: AVSFrames) -> AVSFrames:
+        n = self.cfg.eval_limit
+        return ds.subset(torch.arange(n)) if n is not None and n < len(ds) else ds
+
+    def _device(self, model) -> torch.device: return next(model.parameters()).device
+
+@ALGORITHMS.register("sam_stage1")
+class SamStage1(AVSTask):
+    "Stage 1: a SAM trained class-agnostically with point and box prompts from the ground-truth masks (no audio)."
+    config_cls = SamStage1Config
+
+    def __init__(self, cfg: SamStage1Config, dist_env: DistEnv = DistEnv()):
+        self.cfg = cfg
+        self.train_set = self._frames("train", cfg.train_frames)
+        self.val_set = self._limit(self._frames("val", "annotated"))
+        super().__init__(cfg, dist_env)
+
+    def _frames(self, split: str, frames: str) -> AVSFrames:
+        "The frames of `split` whose mask is one object: S4, and MS3 frames with one sounding object (synthetic)."
+        cfg, parts = self.cfg, []
+        for sub in cfg.stage1_subsets:
+            ds = load_avs_split(cfg.dataset, cfg.data_root, sub, split, frames)
+            if sub == "ms3": ds = ds.subset(single_object_rows(ds, avs_root(cfg.dataset, cfg.data_root)))
+            parts.append(ds)
+        if len(parts) == 1: return parts[0]
+        offset = torch.tensor([0] + [len(p.videos) for p in parts[:-1]]).cumsum(0)
+        fields = {k: torch.cat([p.fields[k] + (o if k == "video" else 0) for p, o in zip(parts, offset)])
+                  for k in parts[0].fields}
+        return AVSFrames(fields, [v for p in parts for v in p.videos], f"stage1-{split}", {"subsets": cfg.stage1_subsets})
+
+    def build_model(self) -> PromptableSam:
+        cfg = self.cfg
+        return build_sam(cfg.net, cfg.img_size, load_sam_source(cfg.checkpoint)[0] if cfg.checkpoint else None)
+
+    def _prompts(self, mask: torch.Tensor, generator, p_box: float | None = None, box_noise: float | None = None) -> dict:
+        cfg = self.cfg
+        mbn = cfg.max_box_noise if cfg.max_box_noise is not None else 20.0 * cfg.img_size / 1024
+        return prompts_from_masks(mask, generator, n_points=cfg.n_points, p_box=cfg.p_box if p_box is None else p_box,
+                                  box_noise=cfg.box_noise if box_noise is None else box_noise, max_box_noise=mbn)
+
+    def make_inputs(self, batch: dict, generator: torch.Generator) -> dict:
+        mask = avs_masks(batch["mask_av"], self.cfg.img_size)
+        return {"x": avs_frames(batch["x_av"], self.cfg.img_size), "mask": mask, **self._prompts(mask, generator)}
+
+    def train_step(self, b: dict) -> dict:
+        cfg = self.cfg
+        logits, iou_pred = self.model(b["x"], b["points"], b["point_labels"], b["boxes"], b["box_labels"], return_iou=True)
+        loss, parts = mask_loss(logits, b["mask"], cfg.loss, iou_pred=iou_pred)
+        if cfg.loss == "bce_iou" and cfg.iou_head_weight > 0:
+            with torch.no_grad():
+                pred = (logits.float() > 0).float()
+                inter = (pred * b["mask"]).sum((1, 2, 3))
+                actual = inter / (pred + b["mask"] - pred * b["mask"]).sum((1, 2, 3)).clamp(min=1)
+            parts["iou_mse"] = (iou_pred[:, 0].float() - actual).pow(2).mean()
+            loss = loss + cfg.iou_head_weight * parts["iou_mse"]
+            parts["iou_mse"] = parts["iou_mse"].detach()
+        return {"loss": loss, **parts}
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        model.eval()
+        dev, cfg, ds = self._device(model), self.cfg, self.val_set
+        g = torch.Generator(dev).manual_seed(0)
+        ious = {"point": [], "box": []}
+        for i in range(0, len(ds), cfg.eval_batch_size):
+            x = avs_frames(ds.fields["x"][i:i + cfg.eval_batch_size].to(dev), cfg.img_size)
+            m = avs_masks(ds.fields["mask"][i:i + cfg.eval_batch_size].to(dev), cfg.img_size)
+            for kind, p_box in (("point", 0.0), ("box", 1.0)):
+                logits = model(x, **self._prompts(m, g, p_box=p_box, box_noise=0.0))
+                ious[kind].append(frame_iou(logits[:, 0], m[:, 0]))
+        out = {f"miou_{k}": float(torch.cat(v).mean()) for k, v in ious.items()}
+        return {"miou": (out["miou_point"] + out["miou_box"]) / 2, **out}
+
+    def eval_size(self) -> int: return len(self.val_set)
+
+    def describe(self) -> dict:
+        return {"train_frames_used": len(self.train_set), "params": sum(p.numel() for p in self.model.parameters())}
+
+# %% ../nbs/save.ipynb #b1c2e010
+class AVSegmenter(nn.Module):
+    "An audio encoder in front of SAVE: frames (B, 3, H, W) + log-mel (B, 1, 96, 64) -> mask logits (B, 1, H, W)."
+    def __init__(self, save: SAVE, audio_encoder: nn.Module | None = None):
+        super().__init__()
+        self.save, self.audio_encoder = save, audio_encoder
+
+    @property
+    def img_size(self) -> int: return self.save.img_size
+
+    def audio_features(self, log_mel: torch.Tensor) -> torch.Tensor:
+        "The (B, 128) features SAVE takes: the encoder's output, or zeros without an encoder."
+        if self.audio_encoder is None: return log_mel.new_zeros(log_mel.shape[0], self.save.audio_dim)
+        if self.audio_frozen:
+            with torch.no_grad(): return self.audio_encoder(log_mel)
+        return self.audio_encoder(log_mel)
+
+    @property
+    def audio_frozen(self) -> bool:
+        return self.audio_encoder is not None and not any(p.requires_grad for p in self.audio_encoder.parameters())
+
+    def forward(self, frames: torch.Tensor, log_mel: torch.Tensor, return_iou: bool = False):
+        return self.save(frames, self.audio_features(log_mel).float(), return_iou=return_iou)
+
+    def train(self, mode: bool = True):
+        "Training mode, with SAVE's frozen parts and a frozen audio encoder in eval mode."
+        super().train(mode)
+        self.save.train(mode)
+        if self.audio_frozen: self.audio_encoder.eval()
+        return self
+
+@ALGORITHMS.register("save")
+class SAVETask(AVSTask):
+    "Stage 2: SAVE (frozen SAM + adapters + audio path) trained on one AVS subset, scored with AVSBench's metrics."
+    config_cls = SAVEConfig
+
+    def __init__(self, cfg: SAVEConfig, dist_env: DistEnv = DistEnv()):
+        self.cfg = cfg
+        if cfg.sam_checkpoint == "random": self.sam_state, self.sam_info = None, {"sam_source": "random (untrained)"}
+        else: self.sam_state, self.sam_info = load_sam_source(cfg.sam_checkpoint, cfg.net)
+        self.train_set = load_avs_split(cfg.dataset, cfg.data_root, cfg.subset, "train", cfg.train_frames)
+        splits = cfg.eval_splits or (("val", "test") + (NEGATIVE_SPLITS if cfg.dataset == "avs_synthetic" else ()))
+        self.eval_sets = {s: self._limit(load_avs_split(cfg.dataset, cfg.data_root, cfg.subset, s)) for s in splits}
+        super().__init__(cfg, dist_env)
+        self.sam_state = None                                   # loaded into the model: free the copy
+
+    def build_model(self) -> AVSegmenter:
+        cfg = self.cfg
+        save = build_save(cfg.net, cfg.img_size, self.sam_state, **cfg.model_switches())
+        audio = None
+        if not cfg.zero_audio:
+            audio = create_audio_encoder(cfg.audio_encoder, cfg.audio_checkpoint)
+            train_audio = cfg.train_audio_encoder if cfg.train_audio_encoder is not None else cfg.audio_checkpoint is None
+            audio.requires_grad_(train_audio)
+        model = AVSegmenter(save, audio).train()
+        self._frozen = frozen_parts(model)
+        if cfg.checkpoint is not None: self._warm_start(model, cfg.checkpoint)
+        return model
+
+    def frozen_modules(self) -> dict: return self._frozen
+
+    def _warm_start(self, model: AVSegmenter, path) -> None:
+        p = run_file(path)
+        ck = load_checkpoint(p)
+        c = ck.get("config", {}) if isinstance(ck, dict) else {}
+        if c.get("algorithm") != "save" or "model" not in ck:
+            raise CheckpointError(f"checkpoint={str(p)!r} is not a save run's checkpoint (it is {c.get('algorithm')!r}): "
+                                  f"warm starts take a previous save run's best.pt; SAM weights go to sam_checkpoint.")
+        try: self.load_trainable_state(model, ck["ema"] if ck.get("ema") is not None else ck["model"], what="warm start")
+        except CheckpointError as e:
+            differ = {k: c.get(k) for k, v in self.cfg.model_switches().items() if c.get(k, v) != v}
+            differ |= {k: c.get(k) for k in ("net", "audio_encoder", "zero_audio") if c.get(k) != getattr(self.cfg, k)}
+            raise CheckpointError(f"checkpoint={str(p)!r} does not fit this model: it was trained with {differ or 'other parts'} "
+                                  f"({e}). Use the switches of that run.") from e
+
+    def make_inputs(self, batch: dict, generator: torch.Generator) -> dict:
+        s = self.cfg.img_size
+        return {"x": avs_frames(batch["x_av"], s), "audio": batch["audio_av"], "mask": avs_masks(batch["mask_av"], s)}
+
+    def train_step(self, b: dict) -> dict:
+        logits, iou_pred = self.model(b["x"], b["audio"], return_iou=True)
+        loss, parts = mask_loss(logits, b["mask"], self.cfg.loss, iou_pred=iou_pred)
+        return {"loss": loss, **parts}
+
+    def predictor(self, model: AVSegmenter):
+        "`predict(frames uint8, log-mel) -> logits (B, 1, H, W)`, as `evaluate_avs` calls it."
+        return lambda x, a: model(avs_frames(x, self.cfg.img_size), a)
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        model.eval()
+        dev, cfg, out = self._device(model), self.cfg, {}
+        for split, ds in self.eval_sets.items():
+            r = evaluate_avs(self.predictor(model), ds, batch_size=cfg.eval_batch_size, device=dev,
+                             eval_size=cfg.eval_size, fscore_on_logits=cfg.fscore_on_logits)
+            pre = "" if split == "val" else f"{split}_"
+            if split in NEGATIVE_SPLITS:
+                out |= {f"{pre}mask_rate": r["empty_gt_mask_rate"], f"{pre}fg_fraction": r["empty_gt_fg_fraction"]}
+            else:
+                out |= {f"{pre}miou": r["miou"], f"{pre}fscore": r["fscore"]}
+        return out
+
+    def eval_size(self) -> int: return len(next(iter(self.eval_sets.values())))
+
+    def describe(self) -> dict:
+        m = self.model
+        table = {r["part"]: r for r in m.save.parameter_table()}
+        audio = sum(p.numel() for p in m.audio_encoder.parameters()) if m.audio_encoder is not None else 0
+        return {**self.sam_info, "parameters": {k: r["params"] for k, r in table.items()} | {"audio encoder": audio},
+                "trained_parameters": sum(p.numel() for p in m.parameters() if p.requires_grad),
+                "frozen_parameters": sum(p.numel() for p in m.parameters() if not p.requires_grad),
+                "audio_encoder_trained": m.audio_encoder is not None and not m.audio_frozen}
+
+# %% ../nbs/save.ipynb #b1c2e013
+AVSBENCH_TRAIN_FRAMES = {"s4": 3452, "ms3": 286 * 5}        # S4: frame 1 of 3,452 videos; MS3: 286 videos (UNVERIFIED)
+
+def _paper_preset(size: int, stage: str) -> dict:
+    p = PRESETS[f"save_vit_b_{size}"]
+    frames = {"synthetic": SYNTHETIC_SIZES["default"]["s4"][0] * 5, **AVSBENCH_TRAIN_FRAMES}[stage]
+    per_epoch = math.ceil(frames / p["batch_size"])
+    data = dict(dataset="avs_synthetic", subset="s4") if stage == "synthetic" else \
+           dict(dataset="avsbench", subset=stage, train_frames="protocol")
+    return dict(net=p["arch"], img_size=size, sam_checkpoint=p["sam_checkpoint"], pos_interp=p["pos_interp"],
+                audio_encoder="vggish", audio_checkpoint="vggish-10086976.pth", audio_mode=p["audio_mode"],
+                audio_width=p["audio_width"], audio_hidden=p["audio_hidden"], proj_shared=p["proj_shared"],
+                n_sparse_tokens=p["n_sparse_tokens"], image_adapter=p["image_adapter"], loss=p["loss"],
+                optimizer=p["optimizer"], lr=p["lr"], weight_decay=p["weight_decay"], schedule=p["schedule"],
+                min_lr=p["lr_min"], warmup_iters=0, batch_size=p["batch_size"], num_iters=p["epochs"] * per_epoch,
+                eval_every=per_epoch, ckpt_every=per_epoch, log_every=50, eval_batch_size=16, eval_size=p["eval_size"],
+                channels_last=True, **data)
+
+SAVEConfig.presets = {f"vit_b_{size}-{stage}": _paper_preset(size, stage)
+                      for size in (256, 1024) for stage in ("synthetic", "s4", "ms3")}
