@@ -211,6 +211,7 @@ class Algorithm(Task):
     # for k-NN and linear probes of the trained trunk
     def feature_model(self, model: nn.Module) -> nn.Module: return Features(model)
     def feature_view(self): return self.view_fns["eval"]
+    def probe_train_view(self): return self.view_fns["weak"]
 
 class Features(nn.Module):
     "A model's `features(x)` as its forward: the pooled representation a probe reads (`num_features` wide)."
@@ -330,6 +331,7 @@ class LinearProbeConfig(TrainConfig):
     num_labels: int | None = None         # None: every training image; else a class-balanced subset
     feature_norm: bool = True             # BatchNorm1d(affine=False, eps=1e-6) before the linear layer (MAE)
     cache_features: bool = True           # compute the train features once (the trunk is frozen)
+    augment: bool = False                 # train on the source task's augmented probe view (needs cache_features=False)
     batch_size: int = 256
     num_iters: int = 1000
     lr: float = 0.1
@@ -347,6 +349,8 @@ class LinearProbeConfig(TrainConfig):
         if self.source_weights not in ("auto", "ema", "model"):
             errs.append(f"source_weights must be 'auto', 'ema' or 'model' (got {self.source_weights!r})")
         if self.num_labels is not None and self.num_labels <= 0: errs.append(f"num_labels must be > 0 or None")
+        if self.augment and self.cache_features:
+            errs.append("augment=True needs cache_features=False (augmented images give new features every step)")
         return errs
 
 def load_source_task(path, weights: str = "auto", dist_env: DistEnv = DistEnv()) -> Task:
@@ -382,6 +386,9 @@ class LinearProbe(Task):
         src = load_source_task(cfg.source, cfg.source_weights, dist_env)
         self.trunk = src.feature_model(src.model).eval().requires_grad_(False)
         self.view, scfg = src.feature_view(), src.cfg
+        self.train_view = (src.probe_train_view() if cfg.augment else None) or self.view
+        if cfg.augment and self.train_view is self.view:
+            raise ConfigError(f"augment=True, but {type(src).__name__} has no augmented probe view (probe_train_view).")
         dataset, root = cfg.dataset or scfg.dataset, cfg.data_root or scfg.data_root
         train, test = load_dataset(dataset, "train", root), load_dataset(dataset, "test", root)
         if cfg.num_labels is not None: train = train.subset(split_labeled(train.targets, cfg.num_labels, cfg.seed)[0])
@@ -409,7 +416,7 @@ class LinearProbe(Task):
         return BatchLoader({"train": (ds, bs)}, c.seed, device, rank, world_size, c.num_workers)
 
     def make_inputs(self, batch, generator):
-        x = batch["f_train"] if self.cfg.cache_features else self.view(batch["x_train"], None)
+        x = batch["f_train"] if self.cfg.cache_features else self.train_view(batch["x_train"], generator)
         return {"x": x, "y": batch["y_train"]}
 
     def train_step(self, batch):

@@ -314,6 +314,9 @@ class Task:
     def feature_view(self):
         "The view `(uint8 images, generator) -> model input` that `feature_model` reads (no augmentation)."
         raise ConfigError(f"{type(self).__name__} does not say how images enter its trunk.")
+    def probe_train_view(self):
+        "The augmented view a linear probe of this trunk trains on (`linear_probe` with `augment=True`); default: none."
+        return None
 
     # modes and state
     def train(self, mode: bool = True):
