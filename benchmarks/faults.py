@@ -86,22 +86,22 @@ def kill_trial(n: int, rng: random.Random, ref: dict, ref_seconds: float, out: P
                 p.send_signal(sig)
             _, err = p.communicate(timeout=300)
             if sig is None:                                             # nothing was killed: the next run resumes a finished run
-                t.note = "a run finished before its kill"; kills_left = 0; resume = True; t.restarts += 1
+                t.note += " a run finished before its kill."; kills_left = 0; resume = True; t.restarts += 1
                 continue
             t.kills.append((sig.name, round(time.monotonic() - t0, 2), p.returncode, err.strip().splitlines()[-1:]))
             if sig == signal.SIGINT and p.returncode not in (0, 130, None):
-                t.clean_sigint, t.note = False, f"SIGINT ended with {p.returncode}: {err[-300:]}"
+                t.clean_sigint = False; t.note += f" SIGINT ended with {p.returncode}: {err[-300:]}"
             if sig == signal.SIGINT and p.returncode == 130 and ("Traceback" in err or err.count("ssl-nb:") != 1):
-                t.clean_sigint, t.note = False, f"SIGINT output: {err[-300:]}"
+                t.clean_sigint = False; t.note += f" SIGINT output: {err[-300:]}"
             kills_left -= 1
         else:
             _, err = p.communicate(timeout=600)
-            if p.returncode != 0: t.note = f"final run exited {p.returncode}: {err[-500:]}"; return t
+            if p.returncode != 0: t.note += f" final run exited {p.returncode}: {err[-500:]}"; return t
             break
         resume = True; t.restarts += 1
     got = fingerprint(run_dir)
     t.identical = _same(got, ref)
-    if not t.identical: t.note = "differs from the uninterrupted run: " + ", ".join(
+    if not t.identical: t.note += " differs from the uninterrupted run: " + ", ".join(
         k for k in ("ckpt", "rows", "results") if not _same(got[k], ref[k]))
     return t
 
