@@ -21,9 +21,10 @@ from .train import Task, TrainConfig, make_config
 
 # %% auto #0
 __all__ = ['RA_POSITIONS', 'PROTOCOL_PRESETS', 'WRN_PRESETS', 'SSLDataConfig', 'SSLConfig', 'RunData', 'prepare_data',
-           'expected_calibration_error', 'per_class_accuracy', 'image_batches', 'evaluate_classifier', 'Algorithm',
-           'Features', 'pseudo_label_stats', 'Supervised', 'ProjectorConfig', 'ProjectorAlgorithm', 'knn_accuracy',
-           'extract_features', 'KNNEvaluator', 'LinearProbeConfig', 'load_source_task', 'ProbeHead', 'LinearProbe']
+           'expected_calibration_error', 'per_class_accuracy', 'image_batches', 'model_outputs', 'evaluate_classifier',
+           'Algorithm', 'Features', 'pseudo_label_stats', 'Supervised', 'ProjectorConfig', 'ProjectorAlgorithm',
+           'knn_accuracy', 'extract_features', 'KNNEvaluator', 'LinearProbeConfig', 'load_source_task', 'ProbeHead',
+           'LinearProbe']
 
 # %% ../nbs/08_classify.ipynb #a0c1f007
 RA_POSITIONS = ("before", "after")
@@ -135,17 +136,23 @@ def image_batches(ds, batch_size: int, device, num_workers: int = 0):
         yield x.to(device, non_blocking=True)
 
 @torch.no_grad()
+def model_outputs(model: nn.Module, ds, view, batch_size: int = 512, device=None, amp: bool = True,
+                  num_workers: int = 0, post=lambda y: y.float()) -> torch.Tensor:
+    "`post(model(view(x)))` for every image of `ds`, in eval mode (the model's mode is restored), concatenated."
+    device = device or next(model.parameters()).device
+    was = model.training; model.eval()
+    out = []
+    try:
+        for x in image_batches(ds, batch_size, device, num_workers):
+            with autocast(device, amp): out.append(post(model(view(x, None))))
+    finally: model.train(was)
+    return torch.cat(out)
+
 def evaluate_classifier(model: nn.Module, ds, view, num_classes: int, batch_size: int = 512, device=None,
                         amp: bool = True, num_workers: int = 0) -> dict:
     "Top-1, per-class accuracy (a list), ECE and probabilities of `model` on an `ImageDataset` (in memory or file-backed)."
-    device = device or next(model.parameters()).device
-    was_training = model.training; model.eval()
-    probs = []
-    try:
-        for x in image_batches(ds, batch_size, device, num_workers):
-            with autocast(device, amp): probs.append(model(view(x, None)).float().softmax(-1))
-    finally: model.train(was_training)
-    probs = torch.cat(probs).cpu(); labels = ds.targets.cpu()
+    probs = model_outputs(model, ds, view, batch_size, device, amp, num_workers, lambda y: y.float().softmax(-1)).cpu()
+    labels = ds.targets.cpu()
     pred = probs.argmax(-1)
     return {"top1": float((pred == labels).float().mean()),
             "per_class": per_class_accuracy(pred, labels, num_classes).tolist(),
@@ -292,18 +299,10 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return correct / len(test)
 
 # %% ../nbs/08_classify.ipynb #a0c1f030
-@torch.no_grad()
 def extract_features(model: nn.Module, ds, view, batch_size: int = 512, device=None, amp: bool = True,
                      num_workers: int = 0) -> torch.Tensor:
     "`model(view(x))` for every image of `ds`, in eval mode, as one float32 tensor on the CPU."
-    device = device or next(model.parameters()).device
-    was = model.training; model.eval()
-    out = []
-    try:
-        for x in image_batches(ds, batch_size, device, num_workers):
-            with autocast(device, amp): out.append(model(view(x, None)).float().cpu())
-    finally: model.train(was)
-    return torch.cat(out)
+    return model_outputs(model, ds, view, batch_size, device, amp, num_workers, lambda y: y.float().cpu())
 
 class KNNEvaluator:
     "k-NN top-1 of a feature model: `train` (labeled) images vote for the `test` images' classes."
