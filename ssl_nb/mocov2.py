@@ -370,7 +370,8 @@ class PretrainConfig(TrainConfig):
     # views: MoCo v2's aug_plus
     crop_size: int | None = None           # None: the image size (ImageNet: 224 out of 256)
     crop_scale: tuple[float, float] = (0.2, 1.0)
-    blur_sigma: tuple[float, float] | None = None    # None: MoCo's (0.1, 2.0) scaled by crop_size / 224
+    blur_sigma: tuple[float, float] = (0.1, 2.0)     # MoCo's, for images of blur_ref_size px
+    blur_ref_size: int | None = 224        # σ is scaled by crop_size / blur_ref_size; None: used as given
     blur_p: float = 0.5
     # k-NN evaluation (DINO's weighted vote)
     knn_k: int = 20
@@ -407,10 +408,10 @@ class PretrainConfig(TrainConfig):
                         f"(the key batch is encoded in that many shuffled groups)")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1: errs.append(f"crop_scale must be (min, max) with 0 < min <= max <= 1 (got {self.crop_scale})")
-        if self.blur_sigma is not None and not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
-            errs.append(f"blur_sigma must be (min, max) with 0 < min <= max, or None (got {self.blur_sigma})")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            errs.append(f"blur_sigma must be (min, max) with 0 < min <= max (got {self.blur_sigma})")
         if not 0 <= self.blur_p <= 1: errs.append(f"blur_p must be in [0, 1] (got {self.blur_p})")
-        for k in ("knn_bank", "crop_size"):
+        for k in ("knn_bank", "crop_size", "blur_ref_size"):
             if getattr(self, k) is not None and getattr(self, k) < 1: errs.append(f"{k} must be >= 1 or None")
         return errs
 
@@ -439,7 +440,7 @@ class PretrainTask(Task):
                 else train.subset(split_labeled(train.targets, cfg.knn_bank, 0)[0]))    # the same bank for every seed
         self.train_set, self.test_set, self.in_chans = train, test, train.in_chans
         size = cfg.crop_size or train.image_size[0]
-        blur = tuple(cfg.blur_sigma) if cfg.blur_sigma is not None else (0.1 * size / 224, 2.0 * size / 224)
+        blur = tuple(v * size / (cfg.blur_ref_size or size) for v in cfg.blur_sigma)
         self.view = mocov2_view(train.mean, train.std, size, scale=tuple(cfg.crop_scale), blur_sigma=blur,
                                 blur_p=cfg.blur_p, channels_last=cfg.channels_last)
         self.eval_view = View(train.mean, train.std, train=False, crop_size=cfg.crop_size,
@@ -510,7 +511,7 @@ def imagenet_pretrain(net: str, epochs: int = 200, **kw) -> dict:
     S = IMAGENET_STEPS_PER_EPOCH
     return dict(dataset="imagenet", net=net, crop_size=224, batch_size=256, lr=0.03, momentum=0.9, weight_decay=1e-4,
                 schedule="cosine", num_iters=epochs * S, K=65536, m=0.999, T=0.2, shuffle_groups=8,
-                blur_sigma=(0.1, 2.0), knn_bank=100_000, eval_every=10 * S, ckpt_every=S, log_every=100,
+                knn_bank=100_000, eval_every=10 * S, ckpt_every=S, log_every=100,
                 eval_batch_size=512, num_workers=8, **kw)
 
 STUDENT_PRESETS = {"effb0": dict(net="efficientnet_b0"), "mnv3l": dict(net="mobilenetv3_large_100", clip_grad=5.0),
