@@ -10,7 +10,10 @@ optimizer step, EMA. Process CPU time (all threads) is reported beside wall time
 machine: CPU time / wall time above 1 means the step used more than one core; wall well above CPU time (with one
 thread) means the process waited for a core. `--eval` also times one evaluation of the EMA model on the test set;
 `--views` breaks each view into its ops (RandAugment, Cutout, flip/crop, normalise); `--ops` prints torch.profiler's
-top operators of a few steps. The load average of the machine is printed before and after.
+top operators of a few steps; `--count-ops` counts the operators each phase dispatches, with the views on their
+CUDA code path (each is a kernel launch on a GPU). The load average of the machine is printed before and after.
+`--compare` runs 1 and 2 threads, channels_last and contiguous, each in its own process, interleaved over
+`--repeats` rounds, and prints a markdown table (wall / CPU ms per phase, the load around each run).
 """
 from __future__ import annotations
 
@@ -105,7 +108,40 @@ def instrument(task, T: Timer):
 def _timed(name, fn, T):
     def wrapper(*a, **kw):
         with T(name): return fn(*a, **kw)
+    wrapper.__wrapped__ = fn
     return wrapper
+
+
+class OpCounter:
+    "Aten operators dispatched per named phase (on a GPU each is about one kernel launch and its host time)."
+    def __init__(self): self.counts = defaultdict(int)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        counts = self.counts
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counts[name] += 1
+                return func(*args, **(kwargs or {}))
+        with Mode(): yield
+
+
+def count_ops(run, logger, steps: int = 2) -> dict:
+    """Operators per phase of one step, on the GPU code path of the views (`augment.CPU_SUBSETS = False`: every
+    stage on the whole batch, selected per sample, as on CUDA)."""
+    from ssl_nb import augment
+    old, augment.CPU_SUBSETS = augment.CPU_SUBSETS, False
+    C = OpCounter()
+    task = run.task
+    saved = task.view_fns, task.forward
+    if hasattr(task, "plain_views"): task.view_fns = dict(task.plain_views)
+    task.forward = _timed("  forward (model)", getattr(saved[1], "__wrapped__", saved[1]), C)
+    if task.view_fns is not None: task.view_fns = {k: _timed(f"  view {k}", v, C) for k, v in task.view_fns.items()}
+    try: timed_steps(run, logger, steps, C)
+    finally: augment.CPU_SUBSETS = old; task.view_fns, task.forward = saved
+    return {k: v / steps for k, v in C.counts.items()}
 
 
 def view_ops(task, reps: int, T: Timer):
@@ -128,6 +164,41 @@ def view_ops(task, reps: int, T: Timer):
                 with T(f"{name}: to channels_last"): y = y.contiguous(memory_format=torch.channels_last)
 
 
+VARIANTS = {"1 thread, channels_last": ["--threads", "1", "--channels-last", "1"],
+            "1 thread, contiguous": ["--threads", "1", "--channels-last", "0"],
+            "2 threads, channels_last": ["--threads", "2", "--channels-last", "1"],
+            "2 threads, contiguous": ["--threads", "2", "--channels-last", "0"]}
+PHASES = ("sampling (loader)", "views (make_inputs)", "  forward (model)", "forward+loss+logs", "backward",
+          "lr + optimizer step", "EMA update", "logger.accumulate", "step (total)")
+
+
+def compare(args, rest: list[str]) -> list[dict]:
+    """Each of `VARIANTS` in its own process, `--repeats` rounds, the variants interleaved within a round (so that
+    they share the machine's state of the moment); one JSON line each in `--json`; returns them."""
+    import subprocess
+    out = args.json or os.path.join(tempfile.mkdtemp(prefix="cpu_compare_"), "compare.jsonl")
+    for r in range(args.repeats):
+        for name, flags in VARIANTS.items():
+            print(f"[round {r + 1}/{args.repeats}] {name}", flush=True)
+            subprocess.run([sys.executable, __file__, *rest, *flags, "--json", out, "--label", name], check=True,
+                           stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": flags[1]})
+    rows = [json.loads(l) for l in open(out)]
+    print(compare_table(rows))
+    return rows
+
+
+def compare_table(rows: list[dict]) -> str:
+    "Markdown: one line per run, ms per step (wall / process CPU) of the main phases, and the load around it."
+    head = ["variant", "load before → after", *[p.strip().replace("  ", "") for p in PHASES], "steps/s"]
+    L = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ph = {x["phase"]: x for x in r["rows"]}
+        cells = [f"{ph[p]['wall_ms']:.0f} / {ph[p]['cpu_ms']:.0f}" if p in ph else "–" for p in PHASES]
+        L.append(f"| {r.get('label', r['config'])} | {r['load_before']} → {r['load_after']} | " + " | ".join(cells)
+                 + f" | {r['steps_per_s']:.2f} |")
+    return "\n".join(L)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algo", default="sequencematch")
@@ -143,8 +214,24 @@ def main(argv=None):
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--views", action="store_true", help="break the views into their ops")
     p.add_argument("--ops", action="store_true", help="torch.profiler's top operators over 5 steps")
+    p.add_argument("--count-ops", action="store_true",
+                   help="operators dispatched per phase (the views on their GPU code path): the launches of a CUDA step")
     p.add_argument("--json", default=None, help="append a JSON line with the results")
-    args = p.parse_args(argv)
+    p.add_argument("--label", default=None, help="a name for this run in the JSON line")
+    p.add_argument("--compare", action="store_true",
+                   help="run 1 vs 2 threads x channels_last vs contiguous back to back (subprocesses) and tabulate")
+    p.add_argument("--repeats", type=int, default=2, help="--compare: rounds of the four variants")
+    args, rest = p.parse_known_args(argv)
+    if args.compare:
+        keep = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--compare",)]
+        drop = {"--repeats", "--json", "--threads", "--channels-last", "--label"}
+        fwd, skip = [], False
+        for a in keep:
+            if skip: skip = False; continue
+            if a in drop: skip = True; continue
+            fwd.append(a)
+        return compare(args, fwd)
+    if rest: p.error(f"unrecognized arguments: {' '.join(rest)}")
 
     load0 = load()
     t_import = time.perf_counter()
@@ -177,7 +264,7 @@ def main(argv=None):
           f"load average before: {load0}")
     print(fmt(rows))
     print(f"=> {args.steps / w:.2f} steps/s wall, CPU/wall {c / w:.2f}")
-    res = {"config": head, "threads": torch.get_num_threads(), "channels_last": bool(args.channels_last),
+    res = {"label": args.label, "config": head, "threads": torch.get_num_threads(), "channels_last": bool(args.channels_last),
            "compile": args.compile, "algo": args.algo, "steps": args.steps, "warmup_s": t_warm, "build_s": t_build,
            "rows": rows, "steps_per_s": args.steps / w, "cpu_over_wall": c / w, "load_before": load0}
     if args.eval:
@@ -193,6 +280,11 @@ def main(argv=None):
         res["view_ops"] = vrows
         print(f"\nviews split into ops ({task.cfg.batch_size * args.uratio} unlabeled images, ms per call):")
         for r in vrows: print(f"  {r['op']:<32}{r['wall_ms']:>9.2f} wall{r['cpu_ms']:>9.2f} CPU")
+    if args.count_ops:
+        counts = count_ops(run, logger)
+        res["ops_per_step"] = counts
+        print("\noperators dispatched per step (views on their GPU code path; nested phases are counted twice):")
+        for k, v in counts.items(): print(f"  {k:<28}{v:>8.0f}")
     if args.ops:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof: timed_steps(run, logger, 5, Timer())
