@@ -26,10 +26,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _parse_value(hint):
     "A converter for a CLI string given a field's type annotation (tuples: comma-separated, e.g. `0.9,0.95`)."
-    args = set(typing.get_args(hint)) or {hint}
-    if typing.get_origin(hint) is tuple:
-        item = _parse_value(typing.get_args(hint)[0])
-        return lambda s: tuple(item(x) for x in s.split(",") if x.strip())
+    args = set(typing.get_args(hint)) if typing.get_origin(hint) is not tuple else {hint}
+    args = args or {hint}
+    tup = next((a for a in args if typing.get_origin(a) is tuple), None)
+    if tup is not None:                      # a tuple, or an optional one: comma-separated items, or none
+        item = _parse_value(typing.get_args(tup)[0])
+        def conv_tuple(s: str):
+            if type(None) in args and s.lower() in ("none", "null", ""): return None
+            return tuple(item(x) for x in s.split(",") if x.strip())
+        return conv_tuple
     def conv(s: str):
         low = s.lower()
         if type(None) in args and low in ("none", "null", ""): return None
