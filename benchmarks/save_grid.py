@@ -2,7 +2,8 @@
 
     python benchmarks/save_grid.py --out runs/bench/save --results benchmarks/results/save_synthetic
 
-1. generates the synthetic set (`ssl_nb.avs.make_synthetic`, default size) unless --data already holds one;
+1. generates the synthetic set (`ssl_nb.avs.make_synthetic`: 1,500 training videos per subset, the default size's
+   validation, test and negative-audio splits; ~2 min CPU) unless --data already holds it;
 2. trains stage 1 once (`sam_stage1`: the small SAM, class-agnostic point/box prompts, no audio);
 3. trains, at one shared budget on its frozen encoder, for each subset (S4-like single-source, MS3-like multi-source
    scenes) and seed: SAVE; SAVE with zeroed audio features; SAMA-AVS-style audio (encoder injection, empty sparse
@@ -12,8 +13,8 @@
    the sound of a class that is not in the picture; every ground truth empty), the share of frames where the model
    still predicts a mask: mean ± std over seeds, per-seed paired differences, a plot, one CSV row per run.
 
-Runs train in this process, one after the other, with torch single-threaded (--threads): on a shared 2-core CPU that
-is several times faster than two threads. Finished runs are skipped and interrupted ones resumed, so the command can
+Runs train with torch single-threaded (--threads): on a shared 2-core CPU that is several times faster than two
+threads; --jobs N trains N stage-2 runs at once in worker processes. Finished runs are skipped and interrupted ones resumed, so the command can
 be re-run after a stop; a finished run trained with another budget stops the grid (use another --out). --tiny runs
 the whole pipeline on a tiny generated set with the tiny SAM in about a minute (the test suite does).
 
@@ -35,6 +36,9 @@ VARIANTS = {  # label -> (run-folder slug, SAVEConfig overrides)
 NEG = ("test_silence", "test_noise", "test_offscreen")
 METRICS = ["test_miou", "test_fscore"] + [f"{s}_mask_rate" for s in NEG] + [f"{s}_fg_fraction" for s in NEG]
 TINY_SIZE = {"s4": (4, 1, 1, 1), "ms3": (4, 1, 1, 1)}
+# videos per split (train, val, test, each negative split): make_synthetic's "default" test splits with 5x (S4: 2.5x)
+# its training videos. Measured: with 300 MS3 training videos SAVE memorises them (train IoU 0.78, val 0.23).
+GRID_SIZE = {"s4": (1500, 60, 120, 60), "ms3": (1500, 40, 80, 40)}
 BUDGET_KEYS = ("net", "img_size", "num_iters", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
                "warmup_iters", "eval_every", "loss", "audio_encoder", "audio_width", "audio_hidden")
 
@@ -54,21 +58,31 @@ def same_budget(run_dir: Path, cfg) -> None:
                  f"use another --out for another budget, or delete that run.")
 
 
-def train(cfg, timing: dict, key: str) -> Path:
-    "Fit `cfg` unless its run has finished; record its CPU and wall seconds."
-    from ssl_nb.train import fit
+def fit_timed(algorithm: str, cfg_dict: dict, threads: int) -> dict:
+    "Fit one run (in this process or a worker); its CPU and wall seconds."
+    import torch
+    torch.set_num_threads(threads)
+    import ssl_nb.save                                         # registers sam_stage1 and save
+    from ssl_nb.train import fit, make_config
+    c, w = time.process_time(), time.time()
+    fit(make_config(algorithm, **{k: v for k, v in cfg_dict.items() if k != "algorithm"}))
+    return {"cpu_s": time.process_time() - c, "wall_s": time.time() - w}
+
+
+def pending(cfg) -> bool:
+    "Whether `cfg`'s run still has to train (a finished run must have been trained with the same config)."
     run_dir = Path(cfg.run_dir)
     if (run_dir / "results.json").is_file():
         same_budget(run_dir, cfg)
         print(f"[skip] {run_dir.name}: finished", flush=True)
-        return run_dir
-    print(f"[run ] {run_dir.name}", flush=True)
-    c, w = time.process_time(), time.time()
-    fit(cfg)
+        return False
+    return True
+
+
+def record(timing: dict, key: str, t: dict) -> None:
     prev = timing.get(key, {"cpu_s": 0.0, "wall_s": 0.0})              # a resumed run adds to its earlier part
-    timing[key] = {"cpu_s": prev["cpu_s"] + time.process_time() - c, "wall_s": prev["wall_s"] + time.time() - w}
-    print(f"[done] {run_dir.name}: {timing[key]['cpu_s']:.0f} s CPU, {timing[key]['wall_s']:.0f} s wall", flush=True)
-    return run_dir
+    timing[key] = {"cpu_s": prev["cpu_s"] + t["cpu_s"], "wall_s": prev["wall_s"] + t["wall_s"]}
+    print(f"[done] {key}: {timing[key]['cpu_s']:.0f} s CPU, {timing[key]['wall_s']:.0f} s wall", flush=True)
 
 
 def collect(run_dir: Path, subset: str, variant: str, seed: int, timing: dict) -> dict:
@@ -146,14 +160,15 @@ def summarize(rows: list[dict], out: Path, results: Path | None, argv: list[str]
         axs[0, j].bar([i - 0.2 for i in x], m, 0.4, yerr=e, capsize=3, label="mIoU")
         axs[0, j].bar([i + 0.2 for i in x], f, 0.4, yerr=fe, capsize=3, label="F")
         axs[0, j].set_xticks(list(x), names, rotation=20, ha="right", fontsize=8)
-        axs[0, j].set_title(f"{s}: test mIoU / F (%, mean ± std over seeds)", fontsize=9); axs[0, j].legend(fontsize=8)
+        axs[0, j].set_title(f"{s}: test mIoU / F (%, mean ± std over seeds)", fontsize=9)
+        axs[0, j].legend(fontsize=8, loc="lower right", framealpha=0.9)
         axs[0, j].grid(axis="y", alpha=0.3)
         for k, split in enumerate(NEG):
             mr = g[f"{split}_mask_rate"].mean().reindex(names) * 100
             axs[1, j].bar([i + (k - 1) * 0.27 for i in x], mr, 0.27, label=split.removeprefix("test_"))
         axs[1, j].set_xticks(list(x), names, rotation=20, ha="right", fontsize=8); axs[1, j].set_ylim(0, 105)
         axs[1, j].set_title(f"{s}: frames with a predicted mask, negative audio (%)", fontsize=9)
-        axs[1, j].legend(fontsize=8); axs[1, j].grid(axis="y", alpha=0.3)
+        axs[1, j].legend(fontsize=8, loc="lower right", framealpha=0.9); axs[1, j].grid(axis="y", alpha=0.3)
     fig.tight_layout(); fig.savefig(out / "plot.png", dpi=110)
 
     cpu_h = sum(v["cpu_s"] for v in budget["timing"].values()) / 3600
@@ -186,17 +201,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder of the runs and summaries")
     p.add_argument("--results", default=None, help="also write PREFIX.md, PREFIX.png, PREFIX_runs.csv")
-    p.add_argument("--data", default="data/avs_synthetic", help="synthetic set (generated here when missing)")
-    p.add_argument("--data-size", default="default", help="make_synthetic size when the set is generated")
+    p.add_argument("--data", default="data/avs_synthetic_grid",
+                   help=f"synthetic set (generated here when missing, videos per split {GRID_SIZE})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--subsets", nargs="+", default=["s4", "ms3"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"of: {', '.join(VARIANTS)}")
     p.add_argument("--stage1-iters", type=int, default=1500)
-    p.add_argument("--iters", type=int, default=800)
+    p.add_argument("--iters", type=int, default=900)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="stage 2 lr (default: SAVEConfig's)")
     p.add_argument("--evals", type=int, default=2, help="evaluations per stage-2 run (the best one by val mIoU counts)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="stage-2 runs trained at once (worker processes)")
     p.add_argument("--tiny", action="store_true", help="tiny set and tiny SAM, 2 steps per run: a pipeline check")
     p.add_argument("--summarize-only", action="store_true", help="tabulate the finished runs, train nothing")
     a = p.parse_args(argv)
@@ -210,8 +226,7 @@ def main(argv=None):
 
     out = resolve_run_dir(a.out); out.mkdir(parents=True, exist_ok=True)
     data = resolve_run_dir(a.data) if not a.tiny else out / "data"
-    size, model = ("default", {}) if not a.tiny else (TINY_SIZE, dict(net="tiny", img_size=64, audio_width=32, audio_hidden=32))
-    if not a.tiny: size = a.data_size
+    size, model = (GRID_SIZE, {}) if not a.tiny else (TINY_SIZE, dict(net="tiny", img_size=64, audio_width=32, audio_hidden=32))
     if a.tiny: a.stage1_iters, a.iters, a.batch_size, a.seeds = 2, 2, 4, a.seeds[:1]
     if not has_dataset(data):
         if a.summarize_only: sys.exit(f"save_grid.py: no dataset at {data}")
@@ -219,6 +234,9 @@ def main(argv=None):
         with torch_threads(a.threads): print(make_synthetic(data, size, image_size=64 if a.tiny else 128), flush=True)
     meta = json.loads((data / "Multi-sources" / "synthetic_meta.json").read_text())
     s4meta = json.loads((data / "Single-source" / "synthetic_meta.json").read_text())
+    if [s4meta["size"], meta["size"]] != [list(size["s4"]), list(size["ms3"])]:
+        sys.exit(f"save_grid.py: {data} holds a synthetic set of another size (S4 {s4meta['size']}, MS3 {meta['size']}; "
+                 f"the grid's is {size}): pass another --data, or delete that folder.")
     data_size = f"S4 videos train/val/test/each negative {s4meta['size']}, MS3 {meta['size']}, {meta['image_size']} px, seed {meta['seed']}"
     timing_file = out / "budget.json"
     timing = json.loads(timing_file.read_text())["timing"] if timing_file.is_file() else {}
@@ -232,25 +250,43 @@ def main(argv=None):
 
     s1cfg = make_config("sam_stage1", **common, num_iters=a.stage1_iters, eval_every=max(1, a.stage1_iters // 5),
                         ckpt_every=max(1, a.stage1_iters // 5), run_dir=str(out / "stage1"))
-    if not a.summarize_only: train(s1cfg, timing, "stage1"); save_timing()
+    if not a.summarize_only and pending(s1cfg):
+        print("[run ] stage1", flush=True); record(timing, "stage1", fit_timed("sam_stage1", s1cfg.to_dict(), a.threads))
+        save_timing()
     s1_eval = read_metrics(out / "stage1", "eval")
     s1_best = max(s1_eval, key=lambda r: (r["miou"], -r["step"]))
     stage1 = {"config": f"{s1cfg.net} at {s1cfg.img_size} px, {s1cfg.num_iters} steps of batch {s1cfg.batch_size}, "
                         f"{s1cfg.stage1_subsets}", **{k: s1_best[k] for k in ("miou", "miou_point", "miou_box")}}
 
-    rows, cfg = [], None
     every = max(1, a.iters // a.evals)
     extra = {k: v for k, v in model.items() if k not in ("net", "img_size")} | ({"lr": a.lr} if a.lr else {})
+    grid = []
     for subset in a.subsets:
         for variant in a.variants:
             slug, over = VARIANTS[variant]
             for seed in a.seeds:
                 run_dir = out / f"{subset}-{slug}-s{seed}"
-                cfg = make_config("save", **common, **extra, **over, subset=subset, seed=seed, num_iters=a.iters,
-                                  eval_every=every, ckpt_every=every, sam_checkpoint=str(out / "stage1" / "best.pt"),
-                                  run_dir=str(run_dir))
-                if not a.summarize_only: train(cfg, timing, run_dir.name); save_timing()
-                if (run_dir / "results.json").is_file(): rows.append(collect(run_dir, subset, variant, seed, timing))
+                grid.append((subset, variant, seed, make_config(
+                    "save", **common, **extra, **over, subset=subset, seed=seed, num_iters=a.iters, eval_every=every,
+                    ckpt_every=every, sam_checkpoint=str(out / "stage1" / "best.pt"), run_dir=str(run_dir))))
+    todo = [cfg for *_, cfg in grid if not a.summarize_only and pending(cfg)]
+    if a.jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        with ProcessPoolExecutor(a.jobs, mp_context=mp.get_context("spawn")) as ex:
+            futures = {}
+            for cfg in todo:
+                print(f"[run ] {Path(cfg.run_dir).name}", flush=True)
+                futures[ex.submit(fit_timed, "save", cfg.to_dict(), a.threads)] = cfg
+            for f in as_completed(futures):
+                record(timing, Path(futures[f].run_dir).name, f.result()); save_timing()
+    else:
+        for cfg in todo:
+            print(f"[run ] {Path(cfg.run_dir).name}", flush=True)
+            record(timing, Path(cfg.run_dir).name, fit_timed("save", cfg.to_dict(), a.threads)); save_timing()
+    rows = [collect(Path(cfg.run_dir), subset, variant, seed, timing) for subset, variant, seed, cfg in grid
+            if (Path(cfg.run_dir) / "results.json").is_file()]
+    cfg = grid[-1][3]
     if not rows: sys.exit("save_grid.py: no finished runs to tabulate yet")
     budget = save_timing({"save": {k: getattr(cfg, k) for k in BUDGET_KEYS}})
     results = resolve_run_dir(a.results) if a.results else None

@@ -851,8 +851,8 @@ class SAVEConfig(AVSConfig):
     loss: str = "bce_iou"                 # or "focal_dice_iou" (SAM-Med2D's)
     fscore_on_logits: bool = False        # SAMA-AVS's F-measure quirk (thresholds on logits)
     eval_splits: tuple[str, ...] | None = None   # None: val, test and (synthetic) the negative-audio splits
-    lr: float = 5e-4
-    num_iters: int = 800
+    lr: float = 1e-3
+    num_iters: int = 1000
 
     def check(self) -> list[str]:
         errs = super().check()
