@@ -503,8 +503,9 @@ def _check_resumable(ck, path, cfg: TrainConfig, world_size: int, device_type: s
                               f"--nproc_per_node={len(ck['aug_rng'])} (the same global batch_size is not enough).")
     return changes
 
-def _load_resume(cfg: TrainConfig, run_dir: Path) -> tuple[dict | None, Path | None, list[str]]:
-    "The checkpoint to resume from (verified), its path and notes about fallbacks; (None, None, []) for a new run."
+def _load_resume(cfg: TrainConfig, run_dir: Path, is_main: bool = True) -> tuple[dict | None, Path | None, list[str]]:
+    """The checkpoint to resume from (verified), its path and notes about fallbacks; (None, None, []) for a new run.
+    A corrupt last.pt is moved aside (by the main process) when prev.pt is used instead."""
     last, prev = run_dir / "last.pt", run_dir / "prev.pt"
     if cfg.resume is False:
         if last.exists() or prev.exists():
@@ -525,7 +526,7 @@ def _load_resume(cfg: TrainConfig, run_dir: Path) -> tuple[dict | None, Path | N
             problems.append(str(e).split(" Use another checkpoint")[0])
             notes.append(f"{p.name} failed verification ({problems[-1]})")
             continue
-        if notes and p.parent == last.parent and last.exists():
+        if notes and is_main and p.parent == last.parent and last.exists():
             # the corrupt last.pt is kept for inspection, out of the way of the next save (which backs up last.pt)
             kept = last.with_name(f"last.corrupt-{time.strftime('%Y%m%d-%H%M%S')}.pt")
             os.replace(last, kept); notes.append(f"it was moved to {kept.name}; resuming from {p.name} (step {ck['step']})")
@@ -603,7 +604,7 @@ class Run:
         stack.enter_context(run_lock(self.run_dir, enabled=self.denv.is_main))
         removed = clean_partial_files(self.run_dir) if self.denv.is_main else []
         barrier()
-        self.ck, self.ck_path, self.notes = _load_resume(self.cfg, self.run_dir)
+        self.ck, self.ck_path, self.notes = _load_resume(self.cfg, self.run_dir, self.denv.is_main)
         if removed: self.notes.append(f"deleted {len(removed)} partial file(s) of interrupted writes: {', '.join(removed)}")
         self.changes = {}
         if self.ck is not None:
