@@ -43,12 +43,14 @@ test-py: setup data
 
 test: check-drift test-nbs test-py
 
+# The notebook's defaults set the CPU threads (1: see its run section); `make demo DEMO_DIR=...` writes elsewhere.
 demo: setup data
-	@mkdir -p $(DEMO_DIR)
+	@mkdir -p $(DEMO_DIR) && date +%s > $(DEMO_DIR)/.demo_start
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/papermill nbs/$(DEMO).ipynb $(DEMO_DIR)/$(DEMO).ipynb -k python3 --cwd nbs \
 	  -p run_dir $(DEMO_DIR) --log-output --progress-bar
 	@$(PY) -m ssl_nb.cli summary $(DEMO_DIR)
 	@echo "Output notebook: $(DEMO_DIR)/$(DEMO).ipynb   plots: $(DEMO_DIR)/plots/"
+	@s=$$(( $$(date +%s) - $$(cat $(DEMO_DIR)/.demo_start) )); echo "Demo wall time (notebook and summary): $$((s / 60)) min $$((s % 60)) s"
 
 lab: setup data
 	$(BIN)/jupyter lab nbs

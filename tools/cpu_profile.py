@@ -189,12 +189,13 @@ def compare(args, rest: list[str]) -> list[dict]:
 
 def compare_table(rows: list[dict]) -> str:
     "Markdown: one line per run, ms per step (wall / process CPU) of the main phases, and the load around it."
-    head = ["variant", "load before → after", *[p.strip().replace("  ", "") for p in PHASES], "steps/s"]
+    head = ["variant", "timed steps", "load before → after", *[p.strip() for p in PHASES], "steps/s"]
     L = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ph = {x["phase"]: x for x in r["rows"]}
         cells = [f"{ph[p]['wall_ms']:.0f} / {ph[p]['cpu_ms']:.0f}" if p in ph else "–" for p in PHASES]
-        L.append(f"| {r.get('label', r['config'])} | {r['load_before']} → {r['load_after']} | " + " | ".join(cells)
+        L.append(f"| {r.get('label') or r['config']} | {r['steps']} | {r['load_before']} → {r['load_after']} | "
+                 + " | ".join(cells)
                  + f" | {r['steps_per_s']:.2f} |")
     return "\n".join(L)
 
@@ -252,9 +253,10 @@ def main(argv=None):
     timed_steps(run, logger, args.warmup, T)            # includes torch.compile's compilation when --compile
     t_warm = time.perf_counter() - t0
     T.reset()
-    w, c = time.perf_counter(), time.process_time()
+    w, c, t0s = time.perf_counter(), time.process_time(), os.times()
     timed_steps(run, logger, args.steps, T)
-    w, c = time.perf_counter() - w, time.process_time() - c
+    w, c, t1s = time.perf_counter() - w, time.process_time() - c, os.times()
+    user_ms, sys_ms = (1e3 * (t1s.user - t0s.user) / args.steps, 1e3 * (t1s.system - t0s.system) / args.steps)
     logger.flush(run.step)
     rows = T.table(args.steps, w, c)
     head = (f"{args.algo}, {task.cfg.net}, B={args.batch_size}, mu={args.uratio}, threads={torch.get_num_threads()}, "
@@ -263,10 +265,13 @@ def main(argv=None):
     print(f"import {t_import:.1f} s, build {t_build:.1f} s, {args.warmup} warm-up steps {t_warm:.1f} s; "
           f"load average before: {load0}")
     print(fmt(rows))
-    print(f"=> {args.steps / w:.2f} steps/s wall, CPU/wall {c / w:.2f}")
+    print(f"=> {args.steps / w:.2f} steps/s wall, CPU/wall {c / w:.2f}; CPU per step: user {user_ms:.0f} ms + "
+          f"system {sys_ms:.0f} ms (system time: mostly page faults of freshly mapped tensor memory)")
     res = {"label": args.label, "config": head, "threads": torch.get_num_threads(), "channels_last": bool(args.channels_last),
            "compile": args.compile, "algo": args.algo, "steps": args.steps, "warmup_s": t_warm, "build_s": t_build,
-           "rows": rows, "steps_per_s": args.steps / w, "cpu_over_wall": c / w, "load_before": load0}
+           "rows": rows, "steps_per_s": args.steps / w, "cpu_over_wall": c / w, "load_before": load0,
+           "user_ms": user_ms, "sys_ms": sys_ms,
+           "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     if args.eval:
         ev_model = run.eval_model()
         with T("evaluation"): ev = task.evaluate(ev_model)
