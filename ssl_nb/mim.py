@@ -116,7 +116,7 @@ def checkerboard_masking(B: int, h: int, w: int, k: int = 1, phase_mode: str = "
         return MaskSample(mask_to_ids(m, K).expand(B, K).contiguous(), m.expand(B, N).contiguous())
     if len(counts) > 1:
         what = "phases" + (" and offsets" if shift else "")
-        fix = ("use phase_mode='per_batch' (spec A3)" if phase_mode == "per_sample" else
+        fix = ("use phase_mode='per_batch'" if phase_mode == "per_sample" else
                "pass a CPU torch.Generator: the per-batch draw must be known on the host to size ids_keep")
         raise ConfigError(f"On a {h}x{w} grid with k={k} the {what} mask different numbers of patches "
                           f"({sorted(counts)}), so a {phase_mode.replace('_', '-')} draw on {device} cannot give every "
