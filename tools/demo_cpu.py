@@ -84,7 +84,7 @@ def report(a) -> str:
     L += ["## `make demo`, measured", "",
           f"Command: `{tl['command']}` (`-o .venv/.ssl_nb-installed`: the install step was up to date and is "
           f"skipped; a user's second `make demo` does the same). Date: {a.date or env.get('date', '?')}. Machine: the "
-          f"team's {env.get('cpu_count', '?')}-core {env.get('cpu', 'CPU')} (shared with other agents' jobs), torch "
+          f"team's {env.get('cpu_count', '?')}-core {env.get('cpu', 'CPU')} (the load average below says what else ran), torch "
           f"{env.get('torch', '?')}, {env.get('torch_threads', '?')} training thread(s).", "",
           f"**Wall time {_mmss(tl['wall_s'])}** ({tl['wall_s']:.0f} s: data check, the notebook under papermill with "
           f"both trainings, evaluations and plots, and the summary); CPU time {tl['user_s'] + tl['sys_s']:.0f} s "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run on a borrowed GPU machine: the CUDA correctness checks of every ssl_nb.kernels op (compiled
 # Triton vs the PyTorch references, fp32 and bf16, the benchmark shapes included: `pytest -m cuda` on
-# tests/test_kernel_checks.py), then the benchmark (benchmarks/kernels.py).
+# tests/test_kernel_checks.py) and of the graph-captured training step (tests/test_train.py), then the benchmark (benchmarks/kernels.py).
 #
 #   bash tools/gpu_check.sh "$OUT"          # from the repository root (or from anywhere)
 #
@@ -43,7 +43,7 @@ head -n 12 "$OUT/nvidia-smi.txt"
 
 # ---- 1. correctness (compiled Triton vs reference on the GPU)
 TESTS="$ROOT/tests/test_kernel_checks.py"
-TARGETS=("$TESTS")
+TARGETS=("$TESTS" "$ROOT/tests/test_train.py")      # the kernels' cases and graph_step's CUDA test
 if [ -n "${CHECKS_CASES:-}" ]; then
     TARGETS=()
     for c in $CHECKS_CASES; do TARGETS+=("$TESTS::test_cuda[$c]"); done
@@ -51,7 +51,7 @@ fi
 say "correctness checks (pytest -m cuda ${TARGETS[*]})"
 # shellcheck disable=SC2086   # CHECKS_ARGS: more pytest options, word-split (e.g. "-x" or "--deselect NODE")
 timeout "${CHECKS_TIMEOUT_S:-240}" "$PY" -m pytest "${TARGETS[@]}" -m cuda -v -s -rfEs -p no:cacheprovider \
-    --rootdir "$ROOT" ${CHECKS_ARGS:-} 2>&1 | tee "$OUT/checks.log"
+    --continue-on-collection-errors --rootdir "$ROOT" ${CHECKS_ARGS:-} 2>&1 | tee "$OUT/checks.log"
 CHECKS=${PIPESTATUS[0]}
 SUMMARY="$(grep -E '^=+ .*(passed|failed|error|skipped|deselected).* =+$' "$OUT/checks.log" | tail -n 1)"
 if [ "$CHECKS" = 0 ] && [[ "$SUMMARY" == *skipped* ]] && [[ "$SUMMARY" != *passed* ]]; then
