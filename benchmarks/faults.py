@@ -26,12 +26,19 @@ RUN = ["fit", "sequencematch", "--num-iters", "30", "--ckpt-every", "5", "--eval
 CKPT_KEYS = ("step", "model", "ema", "optimizer", "loader", "task", "aug_rng", "cpu_rng", "best", "history")
 
 
+def _default_sigint():
+    """A shell without job control starts background jobs with SIGINT ignored, and their children inherit that: a
+    Ctrl-C sent to them would be lost. The runs under test get the default disposition back, as in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(args, timeout=300, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
     "Run `python -m ssl_nb.cli ARGS` from the project root with one CPU thread."
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     cmd = [sys.executable, "-m", "ssl_nb.cli", *map(str, args)]
-    if kw.pop("background", False):
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if kw.pop("background", False):        # SIGINT as in a terminal even when this script runs in the background
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_default_sigint)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -85,11 +92,12 @@ def kill_trial(n: int, rng: random.Random, ref: dict, ref_seconds: float, out: P
             except subprocess.TimeoutExpired:
                 p.send_signal(sig)
             _, err = p.communicate(timeout=300)
+            if p.returncode == 0: sig = None                            # the signal came as the run ended
             if sig is None:                                             # nothing was killed: the next run resumes a finished run
                 t.note += " a run finished before its kill."; kills_left = 0; resume = True; t.restarts += 1
                 continue
             t.kills.append((sig.name, round(time.monotonic() - t0, 2), p.returncode, err.strip().splitlines()[-1:]))
-            if sig == signal.SIGINT and p.returncode not in (0, 130, None):
+            if sig == signal.SIGINT and p.returncode != 130:
                 t.clean_sigint = False; t.note += f" SIGINT ended with {p.returncode}: {err[-300:]}"
             if sig == signal.SIGINT and p.returncode == 130 and ("Traceback" in err or err.count("ssl-nb:") != 1):
                 t.clean_sigint = False; t.note += f" SIGINT output: {err[-300:]}"
@@ -293,7 +301,7 @@ def report(trials: list[Trial], rows: list[dict], seconds: float, command: str) 
              f"bit equal** to the uninterrupted run; every SIGINT ended cleanly (exit 130, one message): "
              f"{all(t.clean_sigint for t in trials)}.",
              f"**Bad inputs:** {len(rows)} cases, **{sum(r['ok'] for r in rows)}/{len(rows)} clear** (exit status 2, one "
-             f"line on stderr, no traceback, nothing lost).", "",
+             f"`ssl-nb:` message on stderr, no traceback, nothing lost).", "",
              "| trial | kills (signal @ seconds -> exit) | resumes | identical | note |", "|---|---|---|---|---|"]
     lines += [f"| {t.n} | {', '.join(f'{s} @ {d} s -> {c}' for s, d, c, _ in t.kills)} | {t.restarts} | {t.identical} | "
               f"{t.note} |" for t in trials]
