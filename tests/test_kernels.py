@@ -219,14 +219,14 @@ def test_bench_tuning_summary():
 
 def test_gpu_check_script_passes_options(tmp_path):
     """tools/gpu_check.sh with `echo` standing in for python, without a GPU: the checks are `pytest -m cuda` on
-    test_kernel_checks.py (CHECKS_CASES: those cases' node ids instead of the file; CHECKS_ARGS: more pytest
+    test_kernel_checks.py and test_train.py (CHECKS_CASES: those cases' node ids instead of the file; CHECKS_ARGS: more pytest
     options), the benchmark is benchmarks/kernels.py with BENCH_ARGS, and each step writes its log under OUT."""
     script = ROOT / "tools" / "gpu_check.sh"
     env = {**os.environ, "PYTHON": "echo", "BENCH_ARGS": "--no-compile --only losses"}
     p = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60, env=env)
     checks, bench = (tmp_path / "checks.log").read_text().split(), (tmp_path / "bench.log").read_text().split()
     tests = str(ROOT / "tests" / "test_kernel_checks.py")
-    assert checks[:5] == ["-m", "pytest", tests, "-m", "cuda"], checks
+    assert checks[:6] == ["-m", "pytest", tests, str(ROOT / "tests" / "test_train.py"), "-m", "cuda"], checks
     assert bench[0] == str(ROOT / "benchmarks" / "kernels.py") and bench[1:3] == ["--out", str(tmp_path)], bench
     assert bench[-3:] == ["--no-compile", "--only", "losses"], bench
     assert "done: checks=0 bench=0" in p.stdout, p.stdout[-2000:]

@@ -185,7 +185,10 @@ def test_mim_grid_tiny_mode_writes_the_table_plot_and_runs(tmp_path, capsys):
 
 
 def test_mim_step_dry_run(capsys):
-    _script("mim_step").main(["--dry-run"])
+    mim_step = _script("mim_step")
+    if not mim_step.ANCHORS.is_file():      # the shared baselines are not part of the repository
+        pytest.skip(f"anchors.py not found ({mim_step.ANCHORS}); set ANCHORS_PY to run this check")
+    mim_step.main(["--dry-run"])
     rows = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
     assert {row["impl"] for row in rows} == {"anchors.py MAE step", "ssl_nb MAE step", "ssl_nb SymMIM step"}
     assert [r["keep"] for r in rows if r["impl"] == "anchors.py MAE step"] == [0.25, 0.5]
