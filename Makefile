@@ -39,7 +39,7 @@ test-nbs: setup data
 	TRITON_INTERPRET=1 MPLBACKEND=Agg timeout 1800 $(BIN)/nbdev_test --n_workers 2 --timing
 
 test-py: setup data
-	TRITON_INTERPRET=1 MPLBACKEND=Agg timeout 1800 $(BIN)/pytest -q tests
+	TRITON_INTERPRET=1 MPLBACKEND=Agg timeout 1800 $(BIN)/pytest -q --durations=15 tests
 
 test: check-drift test-nbs test-py
 
