@@ -49,7 +49,8 @@ def has_dataset(root: Path) -> bool:
 
 def same_budget(run_dir: Path, cfg) -> None:
     "Stop if a finished run in `run_dir` was trained with another config (another budget needs another --out)."
-    saved = json.loads((run_dir / "config.json").read_text())
+    from ssl_nb.core import load_checkpoint
+    saved = load_checkpoint(run_dir / "last.pt")["config"]          # the config the run trained with
     now = cfg.to_dict()
     differ = [k for k in now if k not in ("run_dir", "resume", "progress", "tensorboard", "device")
               and json.dumps(saved.get(k), default=str) != json.dumps(now[k], default=str)]

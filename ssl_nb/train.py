@@ -826,10 +826,10 @@ class Run:
     def write_config(self):
         "config.json: the config, what the task describes, the processes, device, environment and resumes."
         if not self.denv.is_main: return
-        atomic_write_text(json.dumps({**self.cfg.to_dict(), **self.task.describe(), "world_size": self.denv.world_size,
-                                      "device": str(self.device), "eval_size": self.task.eval_size(),
-                                      "environment": environment(), "resumes": self.resumes}, indent=1, default=str),
-                          self.run_dir / "config.json")
+        # the config's fields last: what the run records beside them never overwrites a setting of the same name
+        extra = {**self.task.describe(), "world_size": self.denv.world_size, "device_used": str(self.device),
+                 "eval_samples": self.task.eval_size(), "environment": environment(), "resumes": self.resumes}
+        atomic_write_text(json.dumps({**extra, **self.cfg.to_dict()}, indent=1, default=str), self.run_dir / "config.json")
 
 # %% ../nbs/05_train.ipynb #9a8b7c6d
 @dataclass

@@ -393,6 +393,13 @@ def test_cli_fit_prints_the_summary(tmp_path):
     summary = json.loads(r.stdout)
     assert summary == json.loads((tmp_path / "results.json").read_text())
     assert (summary["algorithm"], summary["steps"], summary["eval_limit"], summary["eval_size"]) == ("supervised", 2, 64, 64)
+    # config.json holds every setting as given (what the run records beside them has names of its own: SAVE's
+    # `eval_size` setting once got overwritten by the number of evaluated samples)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    cfg = make_config("supervised", num_iters=2, batch_size=8, uratio=2, eval_limit=64, eval_every=2, log_every=1,
+                      progress=False, tensorboard=False, device="cpu", run_dir=str(tmp_path))
+    assert {k: saved[k] for k in cfg.to_dict()} == json.loads(json.dumps(cfg.to_dict(), default=str))
+    assert saved["eval_samples"] == 64 and saved["device_used"] == "cpu"
 
 
 def test_cli_bad_flag_is_one_line_and_exit_2():
