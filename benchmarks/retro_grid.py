@@ -254,7 +254,7 @@ def summarize(rows: list[dict], out: Path, results: Path, b: dict, argv: list[st
           "the ordering holds once training converges; a difference smaller than the seed spread; the teacher is "
           "one run (seed 0), so its own spread is not measured. Retro's probe reads "
           "2× more features (256 vs 128) through an adapter that adds parameters to the deployed student (see "
-          "the table), so its linear-probe advantage is not at equal deployed size. The linear probe trains without "
+          "the table), so Retro and the others are not compared at equal deployed size. The linear probe trains without "
           "augmentation (the engine's probe reads the evaluation view), unlike `main_lincls.py`'s crops."]
     results.write_text("\n".join(md) + "\n")
     print((out / "table.md").read_text())
