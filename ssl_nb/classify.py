@@ -213,7 +213,7 @@ class Algorithm(Task):
                                    next(model.parameters()).device, c.amp, c.num_workers)
 
     def eval_size(self): return len(self.data.test) if self.data is not None else None
-    def describe(self) -> dict: return {"views": {k: v.describe() for k, v in (self.view_fns or {}).items()}}
+    def describe(self) -> dict: return {"view_transforms": {k: v.describe() for k, v in (self.view_fns or {}).items()}}
 
     # for k-NN and linear probes of the trained trunk
     def feature_model(self, model: nn.Module) -> nn.Module: return Features(model)

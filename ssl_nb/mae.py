@@ -249,7 +249,7 @@ class MIMTask(Task):
                 "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad)}
 
     def describe(self) -> dict:
-        return {"views": {"train": self.train_view.describe(), "eval": self.eval_view.describe()},
+        return {"view_transforms": {"train": self.train_view.describe(), "eval": self.eval_view.describe()},
                 "params": self.param_counts(), "masking": self.masking()}
 
 # %% ../nbs/mae.ipynb #1c381b3a
@@ -404,7 +404,7 @@ class MIMFinetune(Task):
     def feature_model(self, model: nn.Module) -> nn.Module: return Features(unwrap(model))
     def feature_view(self): return self.eval_view
     def describe(self) -> dict:
-        return {"views": {"train": self.train_view.describe(), "eval": self.eval_view.describe()},
+        return {"view_transforms": {"train": self.train_view.describe(), "eval": self.eval_view.describe()},
                 "params": {"trainable": sum(p.numel() for p in self.model.parameters() if p.requires_grad)},
                 "train_images": len(self.train_set)}
 

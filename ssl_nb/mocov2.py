@@ -486,7 +486,7 @@ class PretrainTask(Task):
     def describe(self) -> dict:
         n = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
         model = unwrap(self.model)
-        return {"views": {"train": self.view.describe(), "eval": self.eval_view.describe()},
+        return {"view_transforms": {"train": self.view.describe(), "eval": self.eval_view.describe()},
                 "knn": {"bank": len(self.knn.train), "test": len(self.test_set), "k": self.cfg.knn_k, "T": self.cfg.knn_T},
                 "params": {"trainable": n(model, True), "model": n(model)}}
 

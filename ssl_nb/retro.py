@@ -364,7 +364,7 @@ class DistillTask(PretrainTask):
         d = super().describe()
         t, n = self.teacher, lambda m: sum(p.numel() for p in m.parameters())
         rep = t.encoder.load_report
-        d["teacher"] = {"source": t.source, "arch": t.arch, "format": rep.source, "loaded_tensors": rep.loaded,
+        d["teacher_loaded"] = {"source": t.source, "arch": t.arch, "format": rep.source, "loaded_tensors": rep.loaded,
                         "dropped": rep.dropped, "trunk_params": n(t.encoder.backbone), "head_params": n(t.head)}
         d["params"].update(param_counts(unwrap(self.model)))
         d["code_switches"] = self.switches
