@@ -20,9 +20,8 @@ import argparse, ast, json, os, statistics, sys, time
 from pathlib import Path
 
 # the shared baselines' anchors.py: $ANCHORS_PY, else the copy a GPU session carries (.carry/baselines), else the team's
-ANCHORS = Path(os.environ.get("ANCHORS_PY") or next(
-    (str(p) for p in (Path(__file__).resolve().parents[1] / ".carry" / "baselines" / "anchors.py",) if p.is_file()),
-    "/work/shared/baselines/anchors.py"))
+_CARRIED = Path(__file__).resolve().parents[1] / ".carry" / "baselines" / "anchors.py"
+ANCHORS = Path(os.environ.get("ANCHORS_PY") or (_CARRIED if _CARRIED.is_file() else "/work/shared/baselines/anchors.py"))
 # --dry-run: the anchor's step at tiny shapes on the CPU (each replacement must match, or the anchor changed)
 TINY_ANCHOR = [('timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)',
                 'timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=4, '

@@ -457,20 +457,16 @@ def table(rows: list[dict], meta: dict, dry_run: bool) -> str:
     for r in mae: L += ["", f"MAE: ssl_nb's step is {r['x_anchor']:.2f}× anchors.py's ({_f(r['ms'])} ms vs "
                             f"{_f(r['ms'] * r['x_anchor'])} ms per iteration)."]
     checks = []
+    timed = lambda g, a, variant: next((r for r in rows if (r.get("group"), r.get("algo"), r.get("pipeline"),
+                                                           r.get("variant")) == (g, a, "ssl_nb", variant) and "ms" in r), None)
     for (g, a), target in TARGETS.items():
         for variant in ("default", "graph_step"):
-            r = next((r for r in rows if (r.get("group"), r.get("algo"), r.get("pipeline"), r.get("variant"))
-                      == (g, a, "ssl_nb", variant) and "ms" in r), None)
-            if r is None: continue
+            if (r := timed(g, a, variant)) is None: continue
             checks.append(f"- {a}, {g}, ssl_nb {variant}: {_f(r['ms'])} ms per iteration (issue 18's target on an "
                           f"H100: ≤ {target:.0f} ms); × USB fp32 {_f(r['x_usb_fp32'])} (target ≥ 4.5), × USB bf16 "
                           f"{_f(r['x_usb_bf16'])} (target ≥ 2.4).")
-        r = next((r for r in rows if (r.get("group"), r.get("algo"), r.get("pipeline"), r.get("variant"))
-                  == (g, a, "ssl_nb", "default") and "ms" in r), None)
-        if r is None: continue
-        t = next((t for t in rows if (t.get("group"), t.get("algo"), t.get("variant")) == (g, a, "torch losses")
-                  and "ms" in t), None)
-        if t is not None:
+        r, t = timed(g, a, "default"), timed(g, a, "torch losses")
+        if r is not None and t is not None:
             verdict = "faster" if r["ms"] < t["ms"] else "NOT faster"
             checks.append(f"  - fused losses vs PyTorch losses: {_f(r['ms'])} vs {_f(t['ms'])} ms: the fused step is "
                           f"{verdict}{' (on the CPU both are the PyTorch losses)' if 'CPU' in meta['card'] else ''}.")

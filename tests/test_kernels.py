@@ -219,8 +219,8 @@ def test_bench_tuning_summary():
 
 def test_gpu_check_script_passes_options(tmp_path):
     """tools/gpu_check.sh with `echo` standing in for python, without a GPU: the checks are `pytest -m cuda` on
-    test_kernel_checks.py and test_train.py (CHECKS_CASES: those cases' node ids instead of the file; CHECKS_ARGS: more pytest
-    options), the benchmark is benchmarks/kernels.py with BENCH_ARGS, and each step writes its log under OUT."""
+    test_kernel_checks.py and test_train.py (CHECKS_CASES: those cases' node ids instead of the files; CHECKS_ARGS:
+    more pytest options), the benchmark is benchmarks/kernels.py with BENCH_ARGS, and each step writes its log under OUT."""
     script = ROOT / "tools" / "gpu_check.sh"
     env = {**os.environ, "PYTHON": "echo", "BENCH_ARGS": "--no-compile --only losses"}
     p = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60, env=env)

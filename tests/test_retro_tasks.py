@@ -83,7 +83,8 @@ def test_retro_two_steps_train_backbone_and_adapter_only_and_the_ema_follows_the
     assert {k.split(".")[0] for k in ck["task"]["key_encoder"]} == {"backbone", "adapter"}
     cfg_json = json.loads((tmp_path / "config.json").read_text())
     assert cfg_json["params"]["adapter"] == sum(p.numel() for p in task.model.adapter.parameters())
-    assert cfg_json["teacher"] == teacher and cfg_json["teacher_loaded"]["format"] == "workbook" and cfg_json["teacher_loaded"]["arch"] == "cifar_resnet18_w32"
+    loaded = cfg_json["teacher_loaded"]
+    assert cfg_json["teacher"] == teacher and loaded["format"] == "workbook" and loaded["arch"] == "cifar_resnet18_w32"
     assert 0 <= res.best_knn_top1 <= 1 and -1 <= res.last_cos_teacher <= 1
     assert {"l_con", "l_cons", "cos_t"} <= set(read_metrics(tmp_path, "train")[-1])
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command to run on a borrowed GPU machine: the CUDA correctness checks of every ssl_nb.kernels op (compiled
 # Triton vs the PyTorch references, fp32 and bf16, the benchmark shapes included: `pytest -m cuda` on
-# tests/test_kernel_checks.py) and of the graph-captured training step (tests/test_train.py), then the benchmark (benchmarks/kernels.py).
+# tests/test_kernel_checks.py) and of the graph-captured training step (tests/test_train.py), then the benchmark
+# (benchmarks/kernels.py).
 #
 #   bash tools/gpu_check.sh "$OUT"          # from the repository root (or from anywhere)
 #

@@ -27,7 +27,6 @@ DRY_FLAG=(); [ -n "${DRY:-}" ] && DRY_FLAG=(--dry-run)
 PP="$(mktemp -d)"; mkdir -p "$PP/ssl_nb"; cp "$ROOT"/ssl_nb/*.py "$PP/ssl_nb/"; cp -r "$ROOT/kernels" "$PP/ssl_nb/kernels"
 rm -rf "$PP/ssl_nb/kernels/__pycache__"
 export PYTHONPATH="$PP${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-[ -f "$ROOT/.carry/baselines/anchors.py" ] && export ANCHORS_PY="$ROOT/.carry/baselines/anchors.py"
 [ -z "${DRY:-}" ] && unset TRITON_INTERPRET SSL_NB_KERNELS
 (nvidia-smi; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv) > "$OUT/nvidia-smi.txt" 2>&1
 say "$($PY -c 'import torch, triton, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")' 2>&1)"
