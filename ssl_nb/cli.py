@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_cli.ipynb #e40c36ce
 from __future__ import annotations
-import argparse, dataclasses, difflib, json, os, sys, typing
+import argparse, dataclasses, difflib, json, os, signal, sys, typing
 from pathlib import Path
 
 # torch and ssl_nb's modules are imported inside the functions: a Ctrl-C while they load (seconds) is then caught
@@ -155,11 +155,15 @@ def _main(argv: list[str]) -> int:
 
 # %% ../nbs/07_cli.ipynb #6d249669
 def run() -> None:
-    """The program entry (`ssl-nb`, `python -m ssl_nb.cli`): `main`'s status as the process's exit status. After a
-    Ctrl-C the process ends with `os._exit(130)`: CPython would otherwise report 130 as a death by SIGINT (-2) when
-    the interrupt had landed in code that an extension ran through `PyRun_*` (as some imports do), and shells and
-    schedulers would read that as a crash."""
-    code = main()
+    """The program entry (`ssl-nb`, `python -m ssl_nb.cli`): `main`'s status as the process's exit status.
+
+    Once `main` has returned, Ctrl-C is ignored: the work is done and saved, and while CPython shuts down it restores
+    the default action of SIGINT, so a Ctrl-C then would end the process silently as killed by SIGINT (-2), which
+    shells and schedulers read as a crash. After a Ctrl-C that `main` handled, the process ends with `os._exit(130)`:
+    CPython would otherwise report 130 as a death by SIGINT (-2) when the interrupt had landed in code that an
+    extension ran through `PyRun_*` (as some imports do)."""
+    try: code = main()
+    finally: signal.signal(signal.SIGINT, signal.SIG_IGN)
     if code == 130:
         sys.stdout.flush(); sys.stderr.flush()
         os._exit(130)
