@@ -14,10 +14,10 @@ import torch.distributed as dist
 
 # %% auto #0
 __all__ = ['ALGORITHMS', 'SSLNBError', 'ConfigError', 'DataError', 'CheckpointError', 'NonFiniteLossError', 'RunInterrupted',
-           'Registry', 'seed_everything', 'get_device', 'autocast', 'project_root', 'resolve_run_dir', 'atomic_save',
-           'atomic_write_text', 'verify_checkpoint', 'load_checkpoint', 'run_lock', 'clean_partial_files',
-           'environment', 'DistEnv', 'init_distributed', 'is_dist', 'all_gather_cat', 'all_reduce_mean', 'barrier',
-           'unwrap']
+           'Registry', 'patch_to', 'seed_everything', 'get_device', 'autocast', 'project_root', 'resolve_run_dir',
+           'atomic_save', 'atomic_write_text', 'verify_checkpoint', 'load_checkpoint', 'run_lock',
+           'clean_partial_files', 'environment', 'DistEnv', 'init_distributed', 'is_dist', 'all_gather_cat',
+           'all_reduce_mean', 'barrier', 'unwrap']
 
 # %% ../nbs/00_core.ipynb #c1a444f6
 class SSLNBError(Exception):
@@ -87,6 +87,16 @@ class Registry:
 
 # %% ../nbs/00_core.ipynb #0053b11b
 ALGORITHMS = Registry("algorithm", package="ssl_nb")
+
+# %% ../nbs/00_core.ipynb #33e5c7c2
+def patch_to(cls):
+    "Decorator: add the function to `cls` as a method of the same name (a `classmethod` or `staticmethod` as such)."
+    def add(f):
+        fn = getattr(f, "__func__", f)
+        fn.__qualname__ = f"{cls.__name__}.{fn.__name__}"
+        setattr(cls, fn.__name__, f)
+        return f
+    return add
 
 # %% ../nbs/00_core.ipynb #6e8a7e3e
 def seed_everything(seed: int) -> None:

@@ -15,7 +15,8 @@ import torch.nn as nn
 from .core import (ALGORITHMS, CheckpointError, ConfigError, DataError, DistEnv, NonFiniteLossError, Registry,
                          RunInterrupted, SSLNBError, all_gather_cat, all_reduce_mean, atomic_save, atomic_write_text,
                          autocast, barrier, clean_partial_files, environment, get_device, init_distributed, is_dist,
-                         load_checkpoint, resolve_run_dir, run_lock, seed_everything, unwrap, verify_checkpoint)
+                         load_checkpoint, patch_to, resolve_run_dir, run_lock, seed_everything, unwrap,
+                         verify_checkpoint)
 from .data import BatchLoader
 from .models import param_groups
 
@@ -558,7 +559,7 @@ def _last_good(run_dir) -> str:
         except (CheckpointError, KeyError, TypeError): continue
     return "none yet"
 
-# %% ../nbs/05_train.ipynb #70df4b62
+# %% ../nbs/05_train.ipynb #a5024c1c
 def default_run_dir(cfg: TrainConfig) -> Path:
     "`runs/<algorithm>-<dataset>[-<num_labels>]-s<seed>` under the project root, unless `cfg.run_dir` is set."
     parts = [cfg.algorithm, cfg.dataset, getattr(cfg, "num_labels", None), f"s{cfg.seed}"]
@@ -577,12 +578,12 @@ def _scalars(metrics: dict) -> dict:
     return out
 
 class Run:
-    "One training run: the task, model, EMA, optimizer, loader, logs, step and history (see above)."
+    "One training run: the task, model, EMA, optimizer, loader, logs, step and history; its phases follow."
     def __init__(self, cfg: TrainConfig): self.cfg = cfg
 
     @classmethod
     def open(cls, cfg: TrainConfig, lock=None) -> "Run":
-        "Phase 1: everything that can be checked before data and model are built (see above)."
+        "Check everything that can be checked before data and model are built; no file is touched."
         self = cls(cfg)
         cfg.validate()
         self.task_cls = ALGORITHMS.get(cfg.algorithm)
@@ -610,228 +611,242 @@ class Run:
         if self.ck is not None:
             self.changes = _check_resumable(self.ck, self.ck_path, self.cfg, self.denv.world_size, self.device.type)
 
-    def build(self):
-        "Phase 2: seed, build the task and everything it trains with, restore the checkpoint, wrap for DDP/compile."
-        cfg, device, denv = self.cfg, self.device, self.denv
-        if device.type == "cpu" and cfg.num_threads: torch.set_num_threads(cfg.num_threads)
-        seed_everything(cfg.seed)                              # identical initial weights on every process
-        self.task = task = self.task_cls.from_config(cfg, denv)
-        for m in task.frozen_modules().values(): m.requires_grad_(False)
-        task.to(device)
-        mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        task.model = task.model.to(device, memory_format=mem)
-        self.loader = task.train_loader(device, denv.rank, denv.world_size)
-        self.aug_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + denv.rank + 1)
-        self.ema = (EMA(task.model, cfg.ema_decay, cfg.ema_warmup, shared=task.frozen_modules().values())
-                    if cfg.ema_decay is not None else None)
-        task.ema_model = self.ema.module if self.ema else None
-        self.opt = build_optimizer(task.param_groups(task.model), cfg, device)
-        self.step, self.best, self.history, self.resumes, self.pending_eval = 0, {"value": None, "step": -1}, [], [], False
-        self.pending_best = self.last_eval = None
-        self.unsaved_eval = False                              # an evaluation whose results no checkpoint holds yet
-        self.static_idx = self.graph = self.static_out = None
-        self.warm = 0                                          # eager steps of the static step (CUDA: before capture)
-        if cfg.graph_step: self._check_graph_step()
-        return self
+# %% ../nbs/05_train.ipynb #8658eadb
+@patch_to(Run)
+def build(self):
+    "Seed; build the task, its EMA, optimizer, loader and augmentation generator; freeze its frozen modules."
+    cfg, device, denv = self.cfg, self.device, self.denv
+    if device.type == "cpu" and cfg.num_threads: torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)                              # identical initial weights on every process
+    self.task = task = self.task_cls.from_config(cfg, denv)
+    for m in task.frozen_modules().values(): m.requires_grad_(False)
+    task.to(device)
+    mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    task.model = task.model.to(device, memory_format=mem)
+    self.loader = task.train_loader(device, denv.rank, denv.world_size)
+    self.aug_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + denv.rank + 1)
+    self.ema = (EMA(task.model, cfg.ema_decay, cfg.ema_warmup, shared=task.frozen_modules().values())
+                if cfg.ema_decay is not None else None)
+    task.ema_model = self.ema.module if self.ema else None
+    self.opt = build_optimizer(task.param_groups(task.model), cfg, device)
+    self.step, self.best, self.history, self.resumes, self.pending_eval = 0, {"value": None, "step": -1}, [], [], False
+    self.pending_best = self.last_eval = None
+    self.unsaved_eval = False                              # an evaluation whose results no checkpoint holds yet
+    self.static_idx = self.graph = self.static_out = None
+    self.warm = 0                                          # eager steps of the static step (CUDA: before capture)
+    if cfg.graph_step: self._check_graph_step()
+    return self
 
-    def restore(self):
-        "Load the checkpoint chosen by `open` (if any) into what `build` made."
-        ck, cfg, task, denv = self.ck, self.cfg, self.task, self.denv
-        if ck is None: return self
-        try:
-            task.load_trainable_state(task.model, ck["model"])
-            if self.ema is not None: task.load_trainable_state(self.ema.module, ck["ema"], what="ema")
-            self.opt.load_state_dict(ck["optimizer"])
-            lr_on(self.opt, self.device if cfg.graph_step else None)    # the saved lr may be a tensor or a float
-            self.loader.load_state_dict(ck["loader"]); task.load_state_dict(ck["task"])
-            self.aug_gen.set_state(ck["aug_rng"][denv.rank].clone())
-            torch.set_rng_state(ck["cpu_rng"][denv.rank].clone())
-            if self.device.type == "cuda" and ck.get("cuda_rng"):
-                torch.cuda.set_rng_state(ck["cuda_rng"][denv.rank].clone(), self.device)
-        except CheckpointError: raise
-        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
-            raise CheckpointError(f"{self.ck_path} does not fit this run ({type(e).__name__}: {e}); it was written by "
-                                  f"another model, method or version. Start a new run in another run_dir.") from e
-        self.step, self.best, self.history = ck["step"], ck["best"], ck["history"]
-        self.resumes, self.pending_eval = list(ck.get("resumes", [])), bool(ck.get("pending_eval", False))
-        threads = ck.get("env", {}).get("torch_threads")
-        if self.device.type == "cpu" and threads and threads != torch.get_num_threads() and not cfg.num_threads:
-            self.notes.append(f"CPU threads set back to {threads} (the checkpoint's; this process had "
-                              f"{torch.get_num_threads()}): CPU results depend on the thread count")
-            torch.set_num_threads(threads)
-        if self.changes or self.notes:
-            self.resumes.append({"step": self.step, "changes": self.changes, "notes": self.notes})
-        self.last_eval = self.history[-1] if self.history else None
-        self.ck = None                                           # free the memory
-        return self
+@patch_to(Run)
+def restore(self):
+    "Load the checkpoint chosen by `open` (if any) into what `build` made."
+    ck, cfg, task, denv = self.ck, self.cfg, self.task, self.denv
+    if ck is None: return self
+    try:
+        task.load_trainable_state(task.model, ck["model"])
+        if self.ema is not None: task.load_trainable_state(self.ema.module, ck["ema"], what="ema")
+        self.opt.load_state_dict(ck["optimizer"])
+        lr_on(self.opt, self.device if cfg.graph_step else None)    # the saved lr may be a tensor or a float
+        self.loader.load_state_dict(ck["loader"]); task.load_state_dict(ck["task"])
+        self.aug_gen.set_state(ck["aug_rng"][denv.rank].clone())
+        torch.set_rng_state(ck["cpu_rng"][denv.rank].clone())
+        if self.device.type == "cuda" and ck.get("cuda_rng"):
+            torch.cuda.set_rng_state(ck["cuda_rng"][denv.rank].clone(), self.device)
+    except CheckpointError: raise
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise CheckpointError(f"{self.ck_path} does not fit this run ({type(e).__name__}: {e}); it was written by "
+                              f"another model, method or version. Start a new run in another run_dir.") from e
+    self.step, self.best, self.history = ck["step"], ck["best"], ck["history"]
+    self.resumes, self.pending_eval = list(ck.get("resumes", [])), bool(ck.get("pending_eval", False))
+    threads = ck.get("env", {}).get("torch_threads")
+    if self.device.type == "cpu" and threads and threads != torch.get_num_threads() and not cfg.num_threads:
+        self.notes.append(f"CPU threads set back to {threads} (the checkpoint's; this process had "
+                          f"{torch.get_num_threads()}): CPU results depend on the thread count")
+        torch.set_num_threads(threads)
+    if self.changes or self.notes:
+        self.resumes.append({"step": self.step, "changes": self.changes, "notes": self.notes})
+    self.last_eval = self.history[-1] if self.history else None
+    self.ck = None                                           # free the memory
+    return self
 
-    def wrap(self):
-        "DDP (SyncBatchNorm on CUDA) and torch.compile around the task's model."
-        cfg, task, denv, device = self.cfg, self.task, self.denv, self.device
-        model = task.model
-        if denv.enabled:
-            if device.type == "cuda" and cfg.sync_bn:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-                if self.ema is not None:
-                    # the EMA copy too: SimMatch's EMA teacher runs it in training mode on every process
-                    self.ema.module = task.ema_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.ema.module)
-            # TorchSSL's WRN leaves some bn1 layers out of the graph: both reference codebases use find_unused_parameters
-            model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                        find_unused_parameters=True)
-        if cfg.compile: model = torch.compile(model)
-        task.model = self.model = model
-        return self
+@patch_to(Run)
+def wrap(self):
+    "DDP (SyncBatchNorm on CUDA) and torch.compile around the task's model."
+    cfg, task, denv, device = self.cfg, self.task, self.denv, self.device
+    model = task.model
+    if denv.enabled:
+        if device.type == "cuda" and cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if self.ema is not None:
+                # the EMA copy too: SimMatch's EMA teacher runs it in training mode on every process
+                self.ema.module = task.ema_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.ema.module)
+        # TorchSSL's WRN leaves some bn1 layers out of the graph: both reference codebases use find_unused_parameters
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=True)
+    if cfg.compile: model = torch.compile(model)
+    task.model = self.model = model
+    return self
 
-    # ---- phase 3: the step ----
-    def train_step(self, logger: MetricLogger) -> int:
-        "One optimizer step over `accum_steps` micro-batches; returns the number of steps done."
-        if self.cfg.graph_step: return self._static_train_step(logger)
-        cfg, task, model, n = self.cfg, self.task, self.model, self.cfg.accum_steps
-        task.step = self.step
+# %% ../nbs/05_train.ipynb #1766a65a
+@patch_to(Run)
+def train_step(self, logger: MetricLogger) -> int:
+    "One optimizer step over `accum_steps` micro-batches; returns the number of steps done."
+    if self.cfg.graph_step: return self._static_train_step(logger)
+    cfg, task, model, n = self.cfg, self.task, self.model, self.cfg.accum_steps
+    task.step = self.step
+    self.opt.zero_grad(set_to_none=True)
+    for i in range(n):
+        inputs = task.make_inputs(next(self.loader), self.aug_gen)
+        sync = contextlib.nullcontext() if i == n - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(self.device, cfg.amp): out = task.train_step(inputs)
+            (out["loss"] / n if n > 1 else out["loss"]).backward()
+        logger.accumulate(out, self.step + 1, weight=1.0 / n)
+    if cfg.clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.clip_grad,
+                                       foreach=True)
+    self.lr = set_lr(self.opt, cfg, self.step)
+    self.opt.step()
+    if self.ema is not None: self.ema.update(model, self.step)
+    self.step += 1
+    return self.step
+
+# %% ../nbs/05_train.ipynb #e752ba0f
+Run.GRAPH_WARMUP = 3                                  # eager steps before the capture (CUDA's lazy initialisations)
+
+@patch_to(Run)
+def _check_graph_step(self):
+    "graph_step needs a step whose kernels and shapes never change: refuse what cannot be captured, before training."
+    c, why = self.cfg, []
+    if not getattr(self.task, "graph_safe", False):
+        why.append(f"{type(self.task).__name__} is not graph-safe (its step depends on the step number or on values "
+                   f"read back from the GPU)")
+    if self.denv.enabled: why.append("DDP runs (one process only)")
+    if c.accum_steps != 1: why.append("accum_steps > 1")
+    if c.compile: why.append("compile=True (use one or the other)")
+    if not self.loader.in_memory: why.append("file-backed datasets (the batch must be gathered on the device)")
+    if why: raise ConfigError("graph_step=True cannot be used here: " + "; ".join(why) + ". Set graph_step=False.")
+    lr_on(self.opt, self.device)                          # the lr and the EMA weight become device tensors
+    self.ema_weight = torch.zeros((), device=self.device)
+
+@patch_to(Run)
+def _static_body(self) -> dict:
+    "The whole step on static buffers: gather, views, forward, loss, backward, clipping, optimizer, EMA."
+    cfg, task = self.cfg, self.task
+    inputs = task.make_inputs(self.loader.gather(self.static_idx), self.aug_gen)
+    with autocast(self.device, cfg.amp): out = task.train_step(inputs)
+    out["loss"].backward()
+    if cfg.clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.clip_grad,
+                                       foreach=True)
+    self.opt.step()
+    if self.ema is not None: self.ema.lerp_(self.model, self.ema_weight)
+    return {k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()}
+
+@patch_to(Run)
+def _static_train_step(self, logger: MetricLogger) -> int:
+    """`graph_step=True`: the indices of the batch are copied into static device buffers, the scalars that change
+    (lr, EMA weight) are written into device tensors, and the step runs on them: eagerly on the CPU (the same
+    numbers as the default step), on CUDA captured once as a CUDA graph after `GRAPH_WARMUP` eager steps and
+    replayed after that (the augmentation generator registered with the graph). All state lives in the usual
+    tensors, so checkpoints and resumes are those of the default step."""
+    dev = self.device
+    host = self.loader.next_indices()
+    if self.static_idx is None: self.static_idx = {k: torch.empty_like(v, device=dev) for k, v in host.items()}
+    for k, v in host.items(): self.static_idx[k].copy_(v.pin_memory() if dev.type == "cuda" else v, non_blocking=True)
+    self.task.step = self.step
+    self.lr = set_lr(self.opt, self.cfg, self.step)
+    if self.ema is not None: self.ema_weight.fill_(1.0 - self.ema.decay_at(self.step))
+    if dev.type != "cuda" or self.warm < self.GRAPH_WARMUP:
         self.opt.zero_grad(set_to_none=True)
-        for i in range(n):
-            inputs = task.make_inputs(next(self.loader), self.aug_gen)
-            sync = contextlib.nullcontext() if i == n - 1 or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
-                with autocast(self.device, cfg.amp): out = task.train_step(inputs)
-                (out["loss"] / n if n > 1 else out["loss"]).backward()
-            logger.accumulate(out, self.step + 1, weight=1.0 / n)
-        if cfg.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.clip_grad,
-                                           foreach=True)
-        self.lr = set_lr(self.opt, cfg, self.step)
-        self.opt.step()
-        if self.ema is not None: self.ema.update(model, self.step)
-        self.step += 1
-        return self.step
+        if dev.type == "cuda":                            # warm-up on a side stream, as CUDA graphs require
+            side = torch.cuda.Stream(dev); side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side): out = self._static_body()
+            torch.cuda.current_stream(dev).wait_stream(side)
+        else: out = self._static_body()
+        self.warm += 1
+    else:
+        if self.graph is None:
+            self.opt.zero_grad(set_to_none=True)          # the gradients become the graph's static buffers
+            self.graph = torch.cuda.CUDAGraph()
+            self.graph.register_generator_state(self.aug_gen)
+            with torch.cuda.graph(self.graph): self.static_out = self._static_body()
+        self.graph.replay()
+        out = self.static_out
+    logger.accumulate(out, self.step + 1)
+    self.step += 1
+    return self.step
 
-    # ---- the same step on static buffers, replayed as a CUDA graph ----
-    GRAPH_WARMUP = 3                                      # eager steps before the capture (CUDA's lazy initialisations)
+# %% ../nbs/05_train.ipynb #085d904a
+@patch_to(Run)
+def eval_model(self) -> nn.Module:
+    return self.ema.module if self.ema is not None else unwrap(self.model)
 
-    def _check_graph_step(self):
-        "graph_step needs a step whose kernels and shapes never change: refuse what cannot be captured, before training."
-        c, why = self.cfg, []
-        if not getattr(self.task, "graph_safe", False):
-            why.append(f"{type(self.task).__name__} is not graph-safe (its step depends on the step number or on values "
-                       f"read back from the GPU)")
-        if self.denv.enabled: why.append("DDP runs (one process only)")
-        if c.accum_steps != 1: why.append("accum_steps > 1")
-        if c.compile: why.append("compile=True (use one or the other)")
-        if not self.loader.in_memory: why.append("file-backed datasets (the batch must be gathered on the device)")
-        if why: raise ConfigError("graph_step=True cannot be used here: " + "; ".join(why) + ". Set graph_step=False.")
-        lr_on(self.opt, self.device)                          # the lr and the EMA weight become device tensors
-        self.ema_weight = torch.zeros((), device=self.device)
+@patch_to(Run)
+def evaluate(self) -> dict:
+    "Score the evaluated model; record history, best and the pending best.pt (rank 0 only)."
+    task, step, metric = self.task, self.step, self.task.selection_metric
+    was = self.model.training
+    try: ev = task.evaluate(self.eval_model())
+    except SSLNBError as e:
+        raise type(e)(f"The evaluation at step {step} failed: {e} Training up to step {step} is saved in "
+                      f"{self.run_dir / 'last.pt'}; fix the cause and resume (resume=True) to evaluate it "
+                      f"again and continue.") from e
+    finally: task.train(was)
+    if metric not in ev:
+        raise ConfigError(f"{type(task).__name__}.evaluate returned {sorted(ev)}, without its selection metric "
+                          f"{metric!r}.")
+    self.last_eval = {"step": step, **_scalars(ev)}
+    self.history.append(self.last_eval)
+    v, b = float(ev[metric]), self.best["value"]
+    if b is None or (v > b if task.higher_is_better else v < b):
+        self.best = {"value": v, "step": step}
+        self.pending_best = {"step": step, "config": self.cfg.to_dict(), metric: v,   # written by save()
+                             "model": _cpu_copy(task.trainable_state(self.model)),
+                             "ema": _cpu_copy(task.trainable_state(self.ema.module)) if self.ema else None}
+    return ev
 
-    def _static_body(self) -> dict:
-        "The whole step on static buffers: gather, views, forward, loss, backward, clipping, optimizer, EMA."
-        cfg, task = self.cfg, self.task
-        inputs = task.make_inputs(self.loader.gather(self.static_idx), self.aug_gen)
-        with autocast(self.device, cfg.amp): out = task.train_step(inputs)
-        out["loss"].backward()
-        if cfg.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.clip_grad,
-                                           foreach=True)
-        self.opt.step()
-        if self.ema is not None: self.ema.lerp_(self.model, self.ema_weight)
-        return {k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()}
+# %% ../nbs/05_train.ipynb #30c24c36
+@patch_to(Run)
+def save(self, pending_eval: bool = False):
+    "Write last.pt (the old one becomes prev.pt) and, first, a best.pt waiting to be written (rank 0 writes)."
+    cuda = self.device.type == "cuda"
+    task = self.task
+    state = {"format": "ssl_nb/2", "step": self.step, "device_type": self.device.type,
+             "config": self.cfg.to_dict(), "model": task.trainable_state(self.model),
+             "ema": task.trainable_state(self.ema.module) if self.ema else None,
+             "optimizer": self.opt.state_dict(), "loader": self.loader.state_dict(), "task": task.state_dict(),
+             "aug_rng": _gather_state(self.aug_gen.get_state(), self.device),
+             "cpu_rng": _gather_state(torch.get_rng_state(), self.device),
+             "cuda_rng": _gather_state(torch.cuda.get_rng_state(self.device), self.device) if cuda else None,
+             "best": self.best, "history": self.history, "pending_eval": pending_eval, "resumes": self.resumes,
+             "env": environment()}
+    self.unsaved_eval = pending_eval
+    if self.denv.is_main:
+        # best.pt never runs ahead of last.pt: a run killed between the two would resume with an older `best`
+        if self.pending_best is not None: atomic_save(self.pending_best, self.run_dir / "best.pt")
+        atomic_save(state, self.run_dir / "last.pt", backup=self.run_dir / "prev.pt")
+    self.pending_best = None
 
-    def _static_train_step(self, logger: MetricLogger) -> int:
-        """`graph_step=True`: the indices of the batch are copied into static device buffers, the scalars that change
-        (lr, EMA weight) are written into device tensors, and the step runs on them: eagerly on the CPU (the same
-        numbers as the default step), on CUDA captured once as a CUDA graph after `GRAPH_WARMUP` eager steps and
-        replayed after that (the augmentation generator registered with the graph). All state lives in the usual
-        tensors, so checkpoints and resumes are those of the default step."""
-        dev = self.device
-        host = self.loader.next_indices()
-        if self.static_idx is None: self.static_idx = {k: torch.empty_like(v, device=dev) for k, v in host.items()}
-        for k, v in host.items(): self.static_idx[k].copy_(v.pin_memory() if dev.type == "cuda" else v, non_blocking=True)
-        self.task.step = self.step
-        self.lr = set_lr(self.opt, self.cfg, self.step)
-        if self.ema is not None: self.ema_weight.fill_(1.0 - self.ema.decay_at(self.step))
-        if dev.type != "cuda" or self.warm < self.GRAPH_WARMUP:
-            self.opt.zero_grad(set_to_none=True)
-            if dev.type == "cuda":                            # warm-up on a side stream, as CUDA graphs require
-                side = torch.cuda.Stream(dev); side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side): out = self._static_body()
-                torch.cuda.current_stream(dev).wait_stream(side)
-            else: out = self._static_body()
-            self.warm += 1
-        else:
-            if self.graph is None:
-                self.opt.zero_grad(set_to_none=True)          # the gradients become the graph's static buffers
-                self.graph = torch.cuda.CUDAGraph()
-                self.graph.register_generator_state(self.aug_gen)
-                with torch.cuda.graph(self.graph): self.static_out = self._static_body()
-            self.graph.replay()
-            out = self.static_out
-        logger.accumulate(out, self.step + 1)
-        self.step += 1
-        return self.step
+@patch_to(Run)
+def check_weights(self):
+    if not _finite(unwrap(self.model), self.ema.module if self.ema else None):
+        raise NonFiniteLossError(
+            f"The weights of {self.cfg.algorithm} became NaN or infinite by step {self.step} while the loss stayed "
+            f"finite (an overflowing gradient?); nothing was evaluated or saved from that state. Last good "
+            f"checkpoint: {_last_good(self.run_dir)}. Lower lr (or add a warm-up or clip_grad), then resume=True "
+            f"to continue from the checkpoint.")
 
-    # ---- evaluation and checkpoints ----
-    def eval_model(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else unwrap(self.model)
+@patch_to(Run)
+def write_config(self):
+    "config.json: the config, what the task describes, the processes, device, environment and resumes."
+    if not self.denv.is_main: return
+    # the config's fields last: what the run records beside them never overwrites a setting of the same name
+    extra = {**self.task.describe(), "world_size": self.denv.world_size, "device_used": str(self.device),
+             "eval_samples": self.task.eval_size(), "environment": environment(), "resumes": self.resumes}
+    atomic_write_text(json.dumps({**extra, **self.cfg.to_dict()}, indent=1, default=str), self.run_dir / "config.json")
 
-    def evaluate(self) -> dict:
-        "Score the evaluated model; record history, best and the pending best.pt (rank 0 only)."
-        task, step, metric = self.task, self.step, self.task.selection_metric
-        was = self.model.training
-        try: ev = task.evaluate(self.eval_model())
-        except SSLNBError as e:
-            raise type(e)(f"The evaluation at step {step} failed: {e} Training up to step {step} is saved in "
-                          f"{self.run_dir / 'last.pt'}; fix the cause and resume (resume=True) to evaluate it "
-                          f"again and continue.") from e
-        finally: task.train(was)
-        if metric not in ev:
-            raise ConfigError(f"{type(task).__name__}.evaluate returned {sorted(ev)}, without its selection metric "
-                              f"{metric!r}.")
-        self.last_eval = {"step": step, **_scalars(ev)}
-        self.history.append(self.last_eval)
-        v, b = float(ev[metric]), self.best["value"]
-        if b is None or (v > b if task.higher_is_better else v < b):
-            self.best = {"value": v, "step": step}
-            self.pending_best = {"step": step, "config": self.cfg.to_dict(), metric: v,   # written by save()
-                                 "model": _cpu_copy(task.trainable_state(self.model)),
-                                 "ema": _cpu_copy(task.trainable_state(self.ema.module)) if self.ema else None}
-        return ev
-
-    def save(self, pending_eval: bool = False):
-        "Write last.pt (the old one becomes prev.pt) and, first, a best.pt waiting to be written (rank 0 writes)."
-        cuda = self.device.type == "cuda"
-        task = self.task
-        state = {"format": "ssl_nb/2", "step": self.step, "device_type": self.device.type,
-                 "config": self.cfg.to_dict(), "model": task.trainable_state(self.model),
-                 "ema": task.trainable_state(self.ema.module) if self.ema else None,
-                 "optimizer": self.opt.state_dict(), "loader": self.loader.state_dict(), "task": task.state_dict(),
-                 "aug_rng": _gather_state(self.aug_gen.get_state(), self.device),
-                 "cpu_rng": _gather_state(torch.get_rng_state(), self.device),
-                 "cuda_rng": _gather_state(torch.cuda.get_rng_state(self.device), self.device) if cuda else None,
-                 "best": self.best, "history": self.history, "pending_eval": pending_eval, "resumes": self.resumes,
-                 "env": environment()}
-        self.unsaved_eval = pending_eval
-        if self.denv.is_main:
-            # best.pt never runs ahead of last.pt: a run killed between the two would resume with an older `best`
-            if self.pending_best is not None: atomic_save(self.pending_best, self.run_dir / "best.pt")
-            atomic_save(state, self.run_dir / "last.pt", backup=self.run_dir / "prev.pt")
-        self.pending_best = None
-
-    def check_weights(self):
-        if not _finite(unwrap(self.model), self.ema.module if self.ema else None):
-            raise NonFiniteLossError(
-                f"The weights of {self.cfg.algorithm} became NaN or infinite by step {self.step} while the loss stayed "
-                f"finite (an overflowing gradient?); nothing was evaluated or saved from that state. Last good "
-                f"checkpoint: {_last_good(self.run_dir)}. Lower lr (or add a warm-up or clip_grad), then resume=True "
-                f"to continue from the checkpoint.")
-
-    def write_config(self):
-        "config.json: the config, what the task describes, the processes, device, environment and resumes."
-        if not self.denv.is_main: return
-        # the config's fields last: what the run records beside them never overwrites a setting of the same name
-        extra = {**self.task.describe(), "world_size": self.denv.world_size, "device_used": str(self.device),
-                 "eval_samples": self.task.eval_size(), "environment": environment(), "resumes": self.resumes}
-        atomic_write_text(json.dumps({**extra, **self.cfg.to_dict()}, indent=1, default=str), self.run_dir / "config.json")
-
-# %% ../nbs/05_train.ipynb #9a8b7c6d
+# %% ../nbs/05_train.ipynb #24776943
 @dataclass
 class FitResult:
     "What a run produced (also written to run_dir/results.json). `best_<metric>`, `last_<key>` read the metrics."
@@ -863,6 +878,7 @@ class FitResult:
                 **{k: v for k, v in self.last.items() if isinstance(v, list)},
                 "eval_size": self.eval_size, "eval_limit": c.get("eval_limit"), "run_dir": str(self.run_dir)}
 
+# %% ../nbs/05_train.ipynb #114f692f
 def fit(cfg: TrainConfig, callbacks=()) -> FitResult:
     "Train `cfg.algorithm` as configured; returns a `FitResult`. `callbacks` are called as `cb(step, state)`."
     run = Run.open(cfg)
