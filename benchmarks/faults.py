@@ -92,6 +92,8 @@ def kill_trial(n: int, rng: random.Random, ref: dict, ref_seconds: float, out: P
             except subprocess.TimeoutExpired:
                 p.send_signal(sig)
             _, err = p.communicate(timeout=300)
+            if sig is None and p.returncode != 0:                       # it failed on its own: a bug, not a kill
+                t.note += f" the run exited {p.returncode} before its kill: {err[-500:]}"; return t
             if p.returncode == 0: sig = None                            # the signal came as the run ended
             if sig is None:                                             # nothing was killed: the next run resumes a finished run
                 t.note += " a run finished before its kill."; kills_left = 0; resume = True; t.restarts += 1
