@@ -23,7 +23,7 @@ from .models import param_groups
 # %% auto #0
 __all__ = ['SCHEDULES', 'OPTIMIZERS', 'cos7pi16', 'cosine', 'step', 'constant', 'lr_factor', 'TrainConfig', 'presets_of',
            'preset_overrides', 'make_config', 'schedule_factor', 'set_lr', 'lr_on', 'build_optimizer', 'EMA', 'Task',
-           'MetricLogger', 'read_metrics', 'default_run_dir', 'Run', 'FitResult', 'fit']
+           'MetricLogger', 'read_metrics', 'default_run_dir', 'Run', 'choose_graph_step', 'FitResult', 'fit']
 
 # %% ../nbs/05_train.ipynb #ce736d68
 SCHEDULES = Registry("schedule")
@@ -99,7 +99,7 @@ class TrainConfig:
     amp: bool = True                      # bf16 autocast on CUDA (CPU runs stay fp32)
     channels_last: bool = True            # NHWC activations (faster on CUDA and on CPU)
     compile: bool = False
-    graph_step: bool = False              # the whole step on static buffers, replayed as one CUDA graph (see below)
+    graph_step: bool | str = "auto"       # the step replayed as one CUDA graph; "auto": on CUDA when the run allows it
     num_threads: int | None = None        # CPU threads (torch.set_num_threads); None: torch's default
     sync_bn: bool = True                  # SyncBatchNorm under multi-GPU DDP (as USB)
     num_workers: int = 8                  # only for file-backed datasets (ImageNet folders, AVSBench)
@@ -142,6 +142,8 @@ class TrainConfig:
             if self.batch_size % self.accum_steps:
                 errs.append(f"batch_size ({self.batch_size}) must be a multiple of accum_steps ({self.accum_steps})")
             if self.optimizer not in OPTIMIZERS: errs.append(f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
+            if isinstance(self.graph_step, str) and self.graph_step != "auto":
+                errs.append(f"graph_step must be True, False or 'auto' (got {self.graph_step!r})")
             if self.schedule not in SCHEDULES: errs.append(f"schedule must be one of {tuple(SCHEDULES.names())} (got {self.schedule!r})")
             errs += self.check()
         if errs: raise ConfigError(f"Invalid {type(self).__name__}: " + "; ".join(errs) + ".")
@@ -611,6 +613,29 @@ class Run:
         if self.ck is not None:
             self.changes = _check_resumable(self.ck, self.ck_path, self.cfg, self.denv.world_size, self.device.type)
 
+# %% ../nbs/05_train.ipynb #438d51cf
+def choose_graph_step(setting: bool | str, device_type: str, blockers: list[str]) -> bool:
+    """Whether a run takes the static step: `True` requires it (a ConfigError names the `blockers`), `False` refuses it,
+    `"auto"` takes it on CUDA when nothing blocks it."""
+    if setting is True and blockers:
+        raise ConfigError("graph_step=True cannot be used here: " + "; ".join(blockers) + ". Set graph_step=False "
+                          "(or \"auto\": the static step wherever the run allows it).")
+    return setting is True or (setting == "auto" and device_type == "cuda" and not blockers)
+
+@patch_to(Run)
+def _graph_blockers(self) -> list[str]:
+    "What keeps this run's step from being captured: the static step needs kernels and shapes that never change."
+    c, why = self.cfg, []
+    if not getattr(self.task, "graph_safe", False):
+        why.append(f"{type(self.task).__name__} is not graph-safe (its step depends on the step number or on values "
+                   f"read back from the GPU)")
+    if self.denv.enabled: why.append("DDP runs (one process only)")
+    if c.accum_steps != 1: why.append("accum_steps > 1")
+    if c.compile: why.append("compile=True (use one or the other)")
+    if not self.loader.in_memory: why.append("file-backed datasets (the batch must be gathered on the device)")
+    return why
+
+
 # %% ../nbs/05_train.ipynb #8658eadb
 @patch_to(Run)
 def build(self):
@@ -634,7 +659,10 @@ def build(self):
     self.unsaved_eval = False                              # an evaluation whose results no checkpoint holds yet
     self.static_idx = self.graph = self.static_out = None
     self.warm = 0                                          # eager steps of the static step (CUDA: before capture)
-    if cfg.graph_step: self._check_graph_step()
+    self.graph_step = choose_graph_step(cfg.graph_step, device.type, self._graph_blockers())
+    if self.graph_step:
+        lr_on(self.opt, device)                            # the lr and the EMA weight become device tensors
+        self.ema_weight = torch.zeros((), device=device)
     return self
 
 @patch_to(Run)
@@ -646,7 +674,7 @@ def restore(self):
         task.load_trainable_state(task.model, ck["model"])
         if self.ema is not None: task.load_trainable_state(self.ema.module, ck["ema"], what="ema")
         self.opt.load_state_dict(ck["optimizer"])
-        lr_on(self.opt, self.device if cfg.graph_step else None)    # the saved lr may be a tensor or a float
+        lr_on(self.opt, self.device if self.graph_step else None)   # the saved lr may be a tensor or a float
         self.loader.load_state_dict(ck["loader"]); task.load_state_dict(ck["task"])
         self.aug_gen.set_state(ck["aug_rng"][denv.rank].clone())
         torch.set_rng_state(ck["cpu_rng"][denv.rank].clone())
@@ -691,7 +719,7 @@ def wrap(self):
 @patch_to(Run)
 def train_step(self, logger: MetricLogger) -> int:
     "One optimizer step over `accum_steps` micro-batches; returns the number of steps done."
-    if self.cfg.graph_step: return self._static_train_step(logger)
+    if self.graph_step: return self._static_train_step(logger)
     cfg, task, model, n = self.cfg, self.task, self.model, self.cfg.accum_steps
     task.step = self.step
     self.opt.zero_grad(set_to_none=True)
@@ -715,21 +743,6 @@ def train_step(self, logger: MetricLogger) -> int:
 Run.GRAPH_WARMUP = 3                                  # eager steps before the capture (CUDA's lazy initialisations)
 
 @patch_to(Run)
-def _check_graph_step(self):
-    "graph_step needs a step whose kernels and shapes never change: refuse what cannot be captured, before training."
-    c, why = self.cfg, []
-    if not getattr(self.task, "graph_safe", False):
-        why.append(f"{type(self.task).__name__} is not graph-safe (its step depends on the step number or on values "
-                   f"read back from the GPU)")
-    if self.denv.enabled: why.append("DDP runs (one process only)")
-    if c.accum_steps != 1: why.append("accum_steps > 1")
-    if c.compile: why.append("compile=True (use one or the other)")
-    if not self.loader.in_memory: why.append("file-backed datasets (the batch must be gathered on the device)")
-    if why: raise ConfigError("graph_step=True cannot be used here: " + "; ".join(why) + ". Set graph_step=False.")
-    lr_on(self.opt, self.device)                          # the lr and the EMA weight become device tensors
-    self.ema_weight = torch.zeros((), device=self.device)
-
-@patch_to(Run)
 def _static_body(self) -> dict:
     "The whole step on static buffers: gather, views, forward, loss, backward, clipping, optimizer, EMA."
     cfg, task = self.cfg, self.task
@@ -745,7 +758,7 @@ def _static_body(self) -> dict:
 
 @patch_to(Run)
 def _static_train_step(self, logger: MetricLogger) -> int:
-    """`graph_step=True`: the indices of the batch are copied into static device buffers, the scalars that change
+    """The static step: the indices of the batch are copied into static device buffers, the scalars that change
     (lr, EMA weight) are written into device tensors, and the step runs on them: eagerly on the CPU (the same
     numbers as the default step), on CUDA captured once as a CUDA graph after `GRAPH_WARMUP` eager steps and
     replayed after that (the augmentation generator registered with the graph). All state lives in the usual
@@ -770,7 +783,13 @@ def _static_train_step(self, logger: MetricLogger) -> int:
             self.opt.zero_grad(set_to_none=True)          # the gradients become the graph's static buffers
             self.graph = torch.cuda.CUDAGraph()
             self.graph.register_generator_state(self.aug_gen)
-            with torch.cuda.graph(self.graph): self.static_out = self._static_body()
+            try:
+                with torch.cuda.graph(self.graph): self.static_out = self._static_body()
+            except RuntimeError as e:
+                raise ConfigError(f"Capturing the step of {type(self.task).__name__} as a CUDA graph failed at step "
+                                  f"{self.step} ({type(e).__name__}: {e}). Set graph_step=False to train with the eager "
+                                  f"step (last checkpoint: {_last_good(self.run_dir)}; resume=True continues from "
+                                  f"it).") from e
         self.graph.replay()
         out = self.static_out
     logger.accumulate(out, self.step + 1)
@@ -839,10 +858,11 @@ def check_weights(self):
 
 @patch_to(Run)
 def write_config(self):
-    "config.json: the config, what the task describes, the processes, device, environment and resumes."
+    "config.json: the config, what the task describes, the processes, device, step kind, environment and resumes."
     if not self.denv.is_main: return
     # the config's fields last: what the run records beside them never overwrites a setting of the same name
     extra = {**self.task.describe(), "world_size": self.denv.world_size, "device_used": str(self.device),
+             "graph_step_used": self.graph_step,
              "eval_samples": self.task.eval_size(), "environment": environment(), "resumes": self.resumes}
     atomic_write_text(json.dumps({**extra, **self.cfg.to_dict()}, indent=1, default=str), self.run_dir / "config.json")
 

@@ -551,6 +551,35 @@ def test_static_step_equals_the_default_step_and_resumes_exactly(name, tmp_path)
     for k in ("model", "ema", "optimizer", "task", "loader", "aug_rng"): assert_same(b[k], c[k], k)
 
 
+def test_compiled_step_follows_the_eager_step_and_resumes_exactly(tmp_path):
+    """compile=True (inductor: C++ on the CPU here) trains like the eager step: after a few steps its losses and weights
+    are as close to the eager run's as another valid fp32 arithmetic of the same step is (the eager step in NCHW
+    instead of channels_last), and a kill/resume on the compiled path equals the uninterrupted compiled run bit for
+    bit."""
+    kw = dict(num_iters=4, eval_every=2, ckpt_every=2)
+    fit(tiny("sequencematch", tmp_path / "eager", **kw))
+    fit(tiny("sequencematch", tmp_path / "nchw", channels_last=False, **kw))
+    fit(tiny("sequencematch", tmp_path / "compiled", compile=True, **kw))
+    runs = ("eager", "nchw", "compiled")
+    ck = {r: load_checkpoint(tmp_path / r / "last.pt") for r in runs}
+    assert set(ck["compiled"]["model"]) == set(ck["eager"]["model"])  # the compiled wrapper adds no prefix to the keys
+
+    def distance(r):      # relative L2 distance of run r's weights and losses from the eager run's
+        a, b = ck["eager"]["model"], ck[r]["model"]
+        keys = [k for k in a if a[k].is_floating_point()]
+        w = (sum(((a[k] - b[k]).double() ** 2).sum() for k in keys) / sum((a[k].double() ** 2).sum() for k in keys)) ** 0.5
+        la, lb = (torch.tensor([row["loss"] for row in read_metrics(tmp_path / x, "train")]) for x in ("eager", r))
+        return w.item(), ((la - lb).norm() / la.norm()).item()
+
+    noise, got = distance("nchw"), distance("compiled")
+    assert 0 < noise[0] < 1e-2 and 0 < got[0] <= 3 * noise[0] and got[1] <= 3 * noise[1], (noise, got)
+    cfg = tiny("sequencematch", tmp_path / "killed", compile=True, **kw)
+    with pytest.raises(Killed): fit(cfg, callbacks=[kill_at(3)])
+    fit(dataclasses.replace(cfg, resume=True))
+    c = load_checkpoint(tmp_path / "killed" / "last.pt")
+    for k in ("model", "ema", "optimizer", "task", "loader", "aug_rng"): assert_same(ck["compiled"][k], c[k], k)
+
+
 def test_static_step_refuses_what_cannot_be_captured(tmp_path):
     with pytest.raises(ConfigError, match="SimMatch is not graph-safe"):
         fit(tiny("simmatch", tmp_path / "a", num_iters=2, graph_step=True))
@@ -564,8 +593,10 @@ def test_graph_step_on_cuda_follows_the_eager_step(name, tmp_path):
     """On a GPU: the step captured as a CUDA graph (after 3 eager warm-up steps) trains like the eager step. Not bit for
     bit (cuDNN and atomics are not deterministic), so: the same evaluations within a point, weights within bf16 noise."""
     kw = dict(num_iters=12, eval_every=6, ckpt_every=6, batch_size=16, uratio=2, eval_limit=512, device="cuda")
-    eager = fit(tiny(name, tmp_path / "eager", **kw))
-    graph = fit(tiny(name, tmp_path / "graph", graph_step=True, **kw))
+    eager = fit(tiny(name, tmp_path / "eager", graph_step=False, **kw))
+    graph = fit(tiny(name, tmp_path / "graph", **kw))                 # graph_step="auto": the graph on CUDA
+    used = {r: json.loads((tmp_path / r / "config.json").read_text())["graph_step_used"] for r in ("eager", "graph")}
+    assert used == {"eager": False, "graph": True}
     a, b = (load_checkpoint(tmp_path / r / "last.pt")["model"] for r in ("eager", "graph"))
     for k in a:
         if a[k].is_floating_point():
