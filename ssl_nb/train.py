@@ -786,10 +786,11 @@ def _static_train_step(self, logger: MetricLogger) -> int:
             try:
                 with torch.cuda.graph(self.graph): self.static_out = self._static_body()
             except RuntimeError as e:
+                last = _last_good(self.run_dir)
+                then = "and start the run again" if last == "none yet" else f"and resume=True to continue from {last}"
                 raise ConfigError(f"Capturing the step of {type(self.task).__name__} as a CUDA graph failed at step "
                                   f"{self.step} ({type(e).__name__}: {e}). Set graph_step=False to train with the eager "
-                                  f"step (last checkpoint: {_last_good(self.run_dir)}; resume=True continues from "
-                                  f"it).") from e
+                                  f"step, {then}.") from e
         self.graph.replay()
         out = self.static_out
     logger.accumulate(out, self.step + 1)
