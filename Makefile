@@ -7,6 +7,9 @@ STAMP := $(VENV)/.ssl_nb-installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
 DEMO ?= sequencematch
+# pytest processes (pytest-xdist, a test file per process): most of the suite is single-threaded (imports, subprocesses,
+# papermill kernels), so two processes keep both cores busy
+TEST_WORKERS ?= 2
 DEMO_DIR := $(CURDIR)/runs/demo
 
 .PHONY: setup data test demo lab export check-drift test-nbs test-py bench-kernels
@@ -39,7 +42,7 @@ test-nbs: setup data
 	TRITON_INTERPRET=1 MPLBACKEND=Agg timeout 1800 $(BIN)/nbdev_test --n_workers 2 --timing
 
 test-py: setup data
-	TRITON_INTERPRET=1 MPLBACKEND=Agg timeout 1800 $(BIN)/pytest -q --durations=15 tests
+	TRITON_INTERPRET=1 MPLBACKEND=Agg timeout 1800 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 test: check-drift test-nbs test-py
 
